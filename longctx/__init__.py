@@ -1,0 +1,11 @@
+"""longctx: longer context windows for existing Hugging Face checkpoints, without training.
+
+>>> import longctx
+>>> info = longctx.patch(model, "yarn", target_length=32768)
+>>> longctx.unpatch(model)   # original outputs, bit for bit
+"""
+
+from .api import PatchInfo, inspect, is_patched, methods, patch, patch_info, unpatch
+
+__version__ = "0.1.0"
+__all__ = ["patch", "unpatch", "methods", "inspect", "is_patched", "patch_info", "PatchInfo", "__version__"]

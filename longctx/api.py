@@ -1,0 +1,141 @@
+"""The public API: ``patch``, ``unpatch``, ``methods``, ``inspect``, ``load_default_model``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .models import ModelInfo, describe, unwrap
+from .registry import get_method, registry
+
+__all__ = ["PatchInfo", "patch", "unpatch", "methods", "inspect", "is_patched", "patch_info"]
+
+logger = logging.getLogger("longctx")
+_STATE_ATTR = "_longctx_state"
+
+
+@dataclass
+class PatchInfo:
+    """What ``longctx.patch`` applied."""
+
+    method: str
+    params: dict[str, Any]
+    trained_length: int | None
+    target_length: int | None
+    factor: float | None
+    layer_types: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f", layers {self.layer_types}" if self.layer_types else ""
+        extra = {k: v for k, v in self.params.items() if k not in ("factor", "target_length", "trained_length")}
+        shown = ", ".join(f"{k}={v}" for k, v in extra.items())
+        return (
+            f"longctx: {self.method} applied: trained {self.trained_length} -> target {self.target_length} "
+            f"(factor {self.factor:g}{', ' + shown if shown else ''}{where})"
+        )
+
+
+@dataclass
+class _State:
+    info: PatchInfo
+    reverts: list
+
+
+def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> PatchInfo:
+    """Extend ``model``'s context window in place with ``method``; reversible with :func:`unpatch`.
+
+    Args:
+        model: a transformers model (decoder or encoder) or a sentence-transformers model.
+        method: a name from :func:`methods` (``"pi"``, ``"ntk"``, ``"dynamic_ntk"``, ``"yarn"``, …).
+        tokenizer: optional; its ``model_max_length`` is raised to the target length.
+        **params: the method's parameters: ``factor`` or ``target_length`` (one of them), ``trained_length`` to
+            override the config, and method-specific ones (see ``longctx.methods()``).
+
+    Returns:
+        A :class:`PatchInfo` record (method, resolved parameters, trained and target length). Patching an
+        already patched model first removes the earlier patch.
+    """
+    spec = get_method(method)
+    cfg = spec.make_config(**params)
+    hf = unwrap(model)
+    if is_patched(hf):
+        unpatch(model)
+    applied = spec.apply(hf, cfg)
+    reverts = [applied.revert]
+    if applied.target_length:
+        reverts += _raise_limits(model, hf, tokenizer, applied.target_length)
+    info = PatchInfo(
+        method=spec.name,
+        params=applied.params,
+        trained_length=applied.trained_length,
+        target_length=applied.target_length,
+        factor=applied.factor,
+        layer_types=applied.layer_types,
+        notes=applied.notes,
+    )
+    setattr(hf, _STATE_ATTR, _State(info=info, reverts=reverts))
+    logger.info(str(info))
+    return info
+
+
+def unpatch(model: Any) -> bool:
+    """Remove a longctx patch, restoring the original behaviour bit for bit. Returns False if none was applied."""
+    hf = unwrap(model)
+    state: _State | None = getattr(hf, _STATE_ATTR, None)
+    if state is None:
+        return False
+    for revert in reversed(state.reverts):
+        revert()
+    delattr(hf, _STATE_ATTR)
+    logger.info(f"longctx: {state.info.method} removed")
+    return True
+
+
+def is_patched(model: Any) -> bool:
+    return getattr(unwrap(model), _STATE_ATTR, None) is not None
+
+
+def patch_info(model: Any) -> PatchInfo | None:
+    state = getattr(unwrap(model), _STATE_ATTR, None)
+    return state.info if state is not None else None
+
+
+def methods() -> list[dict[str, Any]]:
+    """Every registered method: name, kind, one-line description, parameters (name, type, default)."""
+    return [
+        {
+            "name": spec.name,
+            "kind": spec.kind,
+            "description": spec.description,
+            "standard_config": spec.standard_config,
+            "parameters": [{"name": n, "type": t, "default": d} for n, t, d in spec.parameters()],
+        }
+        for spec in registry.values()
+    ]
+
+
+def inspect(model: Any) -> ModelInfo:
+    """Architecture, position encoding, rotary dim, rope type, trained length and the methods that apply."""
+    info = describe(model)
+    info.methods = [spec.name for spec in registry.values() if spec.applies_to(info)]
+    return info
+
+
+def _raise_limits(model: Any, hf: nn.Module, tokenizer: Any, target: int) -> list:
+    """Raise the length limits that would otherwise truncate inputs (tokenizer, sentence-transformers)."""
+    reverts = []
+    for obj, attr in ((tokenizer, "model_max_length"), (model if model is not hf else None, "max_seq_length")):
+        if obj is None or not hasattr(obj, attr):
+            continue
+        old = getattr(obj, attr)
+        if old is None or old < target:
+            setattr(obj, attr, target)
+            reverts.append(lambda obj=obj, attr=attr, old=old: setattr(obj, attr, old))
+    return reverts

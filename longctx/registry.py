@@ -1,0 +1,83 @@
+"""The one registry of methods: name → config dataclass, apply (which returns its own revert), what it supports.
+
+Adding a method is one module under ``patches/`` (a config dataclass, ``apply``, ``NAME``, ``DESCRIPTION``) and one
+``register(...)`` line at the bottom of this file; the shared test battery picks it up from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from longctx.patches import dynamic_ntk, ntk, pi, yarn
+from longctx.patches.base import Applied
+
+__all__ = ["MethodSpec", "registry", "register", "get_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method."""
+
+    name: str
+    description: str
+    config_cls: type
+    apply: Callable[[nn.Module, Any], Applied]
+    kind: str  # "rope": needs rotary embeddings; "absolute": learned position tables
+    standard_config: bool  # expressible as a standard transformers/vLLM config
+
+    def parameters(self) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of every parameter the method takes."""
+        out = []
+        for f in dataclasses.fields(self.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append((f.name, str(f.type), default))
+        return out
+
+    def make_config(self, **params: Any) -> Any:
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise TypeError(
+                f"method '{self.name}' got unknown parameter(s) {unknown}; it accepts: {sorted(names)}"
+            )
+        return self.config_cls(**params)
+
+    def applies_to(self, info: Any) -> bool:
+        """Whether the method fits a model described by ``longctx.inspect`` (its ``position_encoding``)."""
+        return info.position_encoding == ("rope" if self.kind == "rope" else "absolute")
+
+
+registry: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in registry:
+        raise ValueError(f"method '{spec.name}' is already registered")
+    registry[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    key = name.lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in registry:
+        raise ValueError(f"unknown method '{name}'; available methods: {', '.join(sorted(registry))}")
+    return registry[key]
+
+
+_ALIASES = {"linear": "pi", "dynamic": "dynamic_ntk", "ntk_dynamic": "dynamic_ntk", "ntk_aware": "ntk"}
+
+
+def _rope(module: Any, config_cls: type, standard: bool = True) -> MethodSpec:
+    return MethodSpec(module.NAME, module.DESCRIPTION, config_cls, module.apply, "rope", standard)
+
+
+register(_rope(pi, pi.PIConfig))
+register(_rope(ntk, ntk.NTKConfig))
+register(_rope(dynamic_ntk, dynamic_ntk.DynamicNTKConfig))
+register(_rope(yarn, yarn.YaRNConfig))

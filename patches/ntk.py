@@ -1,0 +1,34 @@
+"""Static NTK-aware scaling (bloc97): a larger RoPE base, ``θ' = θ · s^(d/(d−2))`` with d the rotary dim.
+
+Expressed as a plain ``default`` rope with a new ``rope_theta``, so a saved model loads anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from longctx.core.rope import ntk_base
+
+from .base import Applied
+from .rope_common import RopeConfig, RopeContext, apply_rope_method
+
+NAME = "ntk"
+DESCRIPTION = "Static NTK-aware scaling: rope_theta raised to base·s^(d/(d-2)) (d = rotary dim)."
+
+
+@dataclass
+class NTKConfig(RopeConfig):
+    """Static NTK. ``alpha`` overrides the scale used in the base formula (default: the factor itself)."""
+
+    alpha: float | None = None
+
+
+def rope_parameters(cfg: NTKConfig, params: dict, ctx: RopeContext) -> dict:
+    scale = cfg.alpha if cfg.alpha is not None else ctx.factor
+    return {**params, "rope_type": "default", "rope_theta": ntk_base(params["rope_theta"], scale, ctx.rotary_dim)}
+
+
+def apply(model: nn.Module, cfg: NTKConfig) -> Applied:
+    return apply_rope_method(model, NAME, cfg, rope_parameters)
