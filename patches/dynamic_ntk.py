@@ -9,11 +9,14 @@ Two behaviours, both registered as rope types in transformers' ``ROPE_INIT_FUNCT
   and the frequencies only grow (a short input after a long one reuses the long one's frequencies until it drops
   below the trained length).
 * ``cache_consistent=True`` (rope type ``longctx_ntk_by_length``): every forward uses exactly the frequencies of its
-  current length n (= max position + 1), and an attention function (registered with ``AttentionInterface`` and
-  ``AttentionMaskInterface``, wrapping the model's own sdpa/eager/flash attention) re-rotates the cached keys from the
-  frequencies they were written with to the current ones: ``R(p·f_now) k = R(p·(f_now − f_then)) · R(p·f_then) k``.
-  Cached generation then equals recomputing the whole sequence at every step; cost O(cache · head_dim) per layer
-  per step, no extra cache. (Beam-search cache reordering is not tracked in this mode.)
+  current length n (= max position + 1, no grow-only memory), and an attention function (registered with
+  ``AttentionInterface`` and ``AttentionMaskInterface``, wrapping the model's own sdpa/eager/flash attention)
+  re-rotates the cached keys from the frequencies they were written with to the current ones:
+  ``R(p·f_now) k = R(p·(f_now − f_then)) · R(p·f_then) k``. Every attention call then sees query and keys under one
+  set of frequencies, as RoPE's relative-position property requires: for a one-layer model cached decoding equals
+  recomputing the sequence; in deeper models the cached states of later layers were computed from hidden states at
+  the earlier length, which no cache can undo (``use_cache=False`` is the exact recomputation). Cost
+  O(cache · head_dim) per layer per step, no extra cache. Beam-search cache reordering is not tracked in this mode.
 
 transformers' ``dynamic`` type reads the trained length from ``max_position_embeddings``; longctx's types read it
 from ``rope_parameters["original_max_position_embeddings"]``, so ``max_position_embeddings`` can announce the target
