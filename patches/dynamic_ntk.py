@@ -44,8 +44,8 @@ from .rope_common import RopeConfig, RopeContext, apply_rope_method
 
 NAME = "dynamic_ntk"
 DESCRIPTION = (
-    "Dynamic NTK: base grows with the current length (transformers' 'dynamic'); cache_consistent=True re-rotates "
-    "cached keys so cached generation equals recomputation."
+    "Dynamic NTK: base grows with the current length (transformers' 'dynamic'); cache_consistent=True rotates "
+    "cached keys to the current frequencies (no stale-cache mismatch)."
 )
 ROPE_TYPE = "longctx_dynamic"
 ROPE_TYPE_CONSISTENT = "longctx_ntk_by_length"

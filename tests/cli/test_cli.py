@@ -1,0 +1,71 @@
+"""The ``longctx`` command line: methods, inspect, eval ppl (JSON + CSV written atomically)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import build
+from typer.testing import CliRunner
+
+from longctx.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("methods", "inspect", "eval"):
+        assert command in result.output
+
+
+def test_methods_json():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    names = {m["name"] for m in json.loads(result.output)}
+    assert {"pi", "ntk", "dynamic_ntk", "yarn"} <= names
+
+
+def test_inspect_model_dir(tmp_path):
+    model = build("gemma3_text")
+    model.save_pretrained(tmp_path)
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["model_type"] == "gemma3_text" and info["trained_length"] == 64
+    assert info["extended_layer_types"] == ["full_attention"] and "yarn" in info["methods"]
+    table = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert table.exit_code == 0 and "trained_length" in table.output
+
+
+def test_inspect_missing_path_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
+    assert result.exit_code != 0
+    assert "no model at" in str(result.exception)
+
+
+def test_eval_ppl_writes_results(stories_path, tmp_path):
+    text = stories_path.parents[1] / "data" / "tinystories" / "tinystories_valid_subset.txt"
+    out = tmp_path / "res"
+    result = runner.invoke(app, [
+        "eval", "ppl", "--model", str(stories_path), "--text", str(text), "--lengths", "512,1024",
+        "--methods", "vanilla,yarn", "--max-windows", "2", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "results.json").read_text())
+    rows = payload["rows"]
+    assert [(r["method"], r["length"]) for r in rows] == [("vanilla", 512), ("vanilla", 1024), ("yarn", 1024)]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longctx.eval.perplexity import perplexity, token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path).eval()
+    ids = token_ids(AutoTokenizer.from_pretrained(stories_path), text.read_text())
+    assert rows[0]["ppl"] == pytest.approx(perplexity(model, ids, 512, max_windows=2, progress=False).ppl, rel=1e-6)
+    assert rows[0]["windows"] == 2 and rows[2]["ppl_past_split"] is not None
+    assert payload["versions"]["transformers"].startswith("5.")
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert not list(out.glob("*.tmp"))
