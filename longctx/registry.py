@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from longctx.patches import dynamic_ntk, ntk, pi, yarn
+from longctx.patches import dynamic_ntk, ntk, pi, selfextend, yarn
 from longctx.patches.base import Applied
 
 __all__ = ["MethodSpec", "registry", "register", "get_method"]
@@ -27,7 +27,7 @@ class MethodSpec:
     description: str
     config_cls: type
     apply: Callable[[nn.Module, Any], Applied]
-    kind: str  # "rope": needs rotary embeddings; "absolute": learned position tables
+    kind: str  # "rope": rotary frequencies; "rope_attention": rotary attention function; "absolute": position tables
     standard_config: bool  # expressible as a standard transformers/vLLM config
 
     def parameters(self) -> list[tuple[str, str, Any]]:
@@ -49,7 +49,7 @@ class MethodSpec:
 
     def applies_to(self, info: Any) -> bool:
         """Whether the method fits a model described by ``longctx.inspect`` (its ``position_encoding``)."""
-        return info.position_encoding == ("rope" if self.kind == "rope" else "absolute")
+        return info.position_encoding == ("absolute" if self.kind == "absolute" else "rope")
 
 
 registry: dict[str, MethodSpec] = {}
@@ -70,14 +70,22 @@ def get_method(name: str) -> MethodSpec:
     return registry[key]
 
 
-_ALIASES = {"linear": "pi", "dynamic": "dynamic_ntk", "ntk_dynamic": "dynamic_ntk", "ntk_aware": "ntk"}
+_ALIASES = {
+    "linear": "pi",
+    "dynamic": "dynamic_ntk",
+    "ntk_dynamic": "dynamic_ntk",
+    "ntk_aware": "ntk",
+    "self_extend": "selfextend",
+    "grouped_attention": "selfextend",
+}
 
 
-def _rope(module: Any, config_cls: type, standard: bool = True) -> MethodSpec:
-    return MethodSpec(module.NAME, module.DESCRIPTION, config_cls, module.apply, "rope", standard)
+def _spec(module: Any, config_cls: type, kind: str = "rope", standard: bool = True) -> MethodSpec:
+    return MethodSpec(module.NAME, module.DESCRIPTION, config_cls, module.apply, kind, standard)
 
 
-register(_rope(pi, pi.PIConfig))
-register(_rope(ntk, ntk.NTKConfig))
-register(_rope(dynamic_ntk, dynamic_ntk.DynamicNTKConfig))
-register(_rope(yarn, yarn.YaRNConfig))
+register(_spec(pi, pi.PIConfig))
+register(_spec(ntk, ntk.NTKConfig))
+register(_spec(dynamic_ntk, dynamic_ntk.DynamicNTKConfig))
+register(_spec(yarn, yarn.YaRNConfig))
+register(_spec(selfextend, selfextend.SelfExtendConfig, kind="rope_attention", standard=False))

@@ -1,0 +1,144 @@
+"""SelfExtend attention in PyTorch: the blocked O(n)-memory path (CPU fallback, reference for kernels) and the naive
+two-full-maps path (the test oracle, LongLM's formulation).
+
+Inputs are plain tensors: ``query [B, Hq, q, D]`` and ``key [B, Hkv, kv, D]`` already rotated by RoPE at their
+positions ``q_pos [B, q]`` / ``k_pos [B, kv]``; ``value [B, Hkv, kv, Dv]``; ``inv_freq`` the model's *unscaled*
+rotary inverse frequencies (fp32, rotary dim / 2). Grouped rotations are applied as a rotation by the position delta
+(RoPE rotations compose), so q/k are never un-rotated. Scores, softmax and the value merge run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longctx.core.positions import selfextend_key_positions, selfextend_query_positions, selfextend_shift
+from longctx.core.rope import rotate_by_angles
+
+__all__ = ["selfextend_attention", "selfextend_attention_naive", "log_scale"]
+
+
+def log_scale(q_pos: torch.Tensor, scale_base: float) -> torch.Tensor:
+    """LongLM's query scaling ``max(1, ln(i + 1) / ln(scale_base))`` per query position, fp32 ``[B, q]``."""
+    return (torch.log(q_pos.float() + 1) / math.log(scale_base)).clamp(min=1)
+
+
+def _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, bidirectional):
+    inv_freq = inv_freq.to(device=query.device, dtype=torch.float32)
+    dq = selfextend_query_positions(q_pos, group_size, window, shift) - q_pos.float()
+    dk = selfextend_key_positions(k_pos, group_size) - k_pos.float()
+    q_left = rotate_by_angles(query, dq[:, None, :, None] * inv_freq)
+    k_g = rotate_by_angles(key, dk[:, None, :, None] * inv_freq)
+    q_right = None
+    if bidirectional:  # keys W or more to the right: the mirror image, query at i // G − shift
+        dq_right = dq - 2 * selfextend_shift(group_size, window, shift)
+        q_right = rotate_by_angles(query, dq_right[:, None, :, None] * inv_freq)
+    return q_left, q_right, k_g
+
+
+def _allowed(q_len, kv_len, qs, qe, ks, ke, causal, key_valid, device):
+    """Which (query, key) slots may attend: causal by slot (queries are the last q_len slots) and valid keys."""
+    allowed = None
+    if causal:
+        qi = torch.arange(qs, qe, device=device)[:, None] + (kv_len - q_len)
+        kj = torch.arange(ks, ke, device=device)[None, :]
+        allowed = (kj <= qi)[None]  # [1, bq, bk]
+    if key_valid is not None:
+        kv_ok = key_valid[:, None, ks:ke]  # [B, 1, bk]
+        allowed = kv_ok if allowed is None else allowed & kv_ok
+    return allowed
+
+
+def selfextend_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    group_size: int,
+    window: int,
+    scaling: float,
+    *,
+    causal: bool = True,
+    key_valid: torch.Tensor | None = None,
+    shift: str = "int",
+    scale_base: float | None = None,
+    softcap: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """SelfExtend attention computed in query blocks; returns ``[B, Hq, q, Dv]`` in ``query.dtype``.
+
+    Per block only ``block × kv`` scores exist (one map, neighbour/grouped selected per pair), so memory is O(n) for
+    a fixed block; with ``causal`` the keys after the block's last query are skipped. ``key_valid [B, kv]`` masks
+    padding. Rows with no valid key (padding queries) return zeros.
+    """
+    batch, hq, q_len, dim = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    if scale_base is not None and scale_base > 0:
+        query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
+    q_left, q_right, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, not causal)
+
+    def heads(x):  # [B, Hq, q, D] -> [B, Hkv, rep, q, D] fp32, without repeating K/V
+        return x.float().reshape(batch, hkv, rep, q_len, x.shape[-1])
+
+    qn, qg = heads(query), heads(q_left)
+    qr = heads(q_right) if q_right is not None else None
+    kn, kg, vf = key.float()[:, :, None], k_g.float()[:, :, None], value.float()[:, :, None]
+    qp, kp = q_pos.to(torch.int64), k_pos.to(torch.int64)
+
+    if block_size is None:  # ~32M fp32 scores per block
+        block_size = max(16, min(q_len, (1 << 25) // max(1, batch * hq * kv_len)))
+    out = torch.empty(batch, hkv, rep, q_len, value.shape[-1], dtype=torch.float32, device=query.device)
+    for qs in range(0, q_len, block_size):
+        qe = min(q_len, qs + block_size)
+        ke = min(kv_len, kv_len - q_len + qe) if causal else kv_len
+        rel = qp[:, qs:qe, None] - kp[:, None, :ke]  # [B, bq, bk]
+        near = (rel < window) if causal else (rel.abs() < window)
+        scores_n = qn[:, :, :, qs:qe] @ kn[..., :ke, :].transpose(-1, -2)
+        scores_g = qg[:, :, :, qs:qe] @ kg[..., :ke, :].transpose(-1, -2)
+        near = near[:, None, None]
+        scores = torch.where(near, scores_n, scores_g)
+        if qr is not None:
+            scores_r = qr[:, :, :, qs:qe] @ kg[..., :ke, :].transpose(-1, -2)
+            scores = torch.where((rel < 0)[:, None, None] & ~near, scores_r, scores)
+        scores = scores * scaling
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        allowed = _allowed(q_len, kv_len, qs, qe, 0, ke, causal, key_valid, query.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[:, :, :, qs:qe] = probs @ vf[..., :ke, :]
+    return out.reshape(batch, hq, q_len, -1).to(query.dtype)
+
+
+def selfextend_attention_naive(
+    query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling, *, causal=True, key_valid=None,
+    shift="int", scale_base=None, softcap=None,
+):
+    """Two full q × kv score maps (neighbour and grouped) with K/V repeated per head: LongLM's formulation.
+    Kept as the test oracle and as the "naive" line of the benchmark."""
+    batch, hq, q_len, _ = query.shape
+    rep = hq // key.shape[1]
+    if scale_base is not None and scale_base > 0:
+        query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
+    q_left, q_right, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, not causal)
+    rk = lambda x: x.float().repeat_interleave(rep, dim=1)  # noqa: E731
+    kn, kg, v = rk(key), rk(k_g), rk(value)
+    neighbour = query.float() @ kn.transpose(-1, -2)
+    grouped = q_left.float() @ kg.transpose(-1, -2)
+    rel = (q_pos[:, :, None] - k_pos[:, None, :])[:, None]
+    near = (rel < window) if causal else (rel.abs() < window)
+    scores = torch.where(near, neighbour, grouped)
+    if q_right is not None:
+        scores = torch.where((rel < 0) & ~near, q_right.float() @ kg.transpose(-1, -2), scores)
+    scores = scores * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = _allowed(q_len, key.shape[2], 0, q_len, 0, key.shape[2], causal, key_valid, query.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return (torch.softmax(scores, -1).nan_to_num(0.0) @ v).to(query.dtype)

@@ -1,0 +1,192 @@
+"""SelfExtend (Jin et al., ICML 2024) as a transformers attention function — no forward is replaced.
+
+``longctx.patch(model, "selfextend", group_size=G, window=W)`` (or ``target_length=N``: G and W solved so that
+(L − W)·G + W ≥ N with W + (N − W)/G ≤ 2/3·L). It registers ``longctx_selfextend`` with ``AttentionInterface`` *and*
+``AttentionMaskInterface`` (the mask is transformers' own sdpa mask), points ``config._attn_implementation`` at it,
+and keeps per model the rotary ``inv_freq`` of every extended layer type. In attention, q/k arrive already rotated;
+the grouped branch rotates them further by the position delta (``longctx.kernels.selfextend_torch``).
+
+Positions, per row: queries from ``position_ids``; keys from the same ``position_ids`` when the call covers the
+whole sequence, else counted back from the last query over the valid (unpadded) cached slots — so left padding,
+batches of different lengths, chunked prefill and q_len = 1 decode with transformers' standard KV cache (rotated
+keys) all work. Sliding-window layers (Gemma3's local layers, ModernBERT's local layers) are left to sdpa: they never
+see a distance ≥ their window. Encoders (``is_causal = False``) get the bidirectional variant: keys ≥ W away on
+either side use grouped positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from longctx.core.positions import solve_selfextend
+from longctx.kernels.selfextend_torch import selfextend_attention
+from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
+
+from .base import Applied, Undo
+
+NAME = "selfextend"
+DESCRIPTION = (
+    "SelfExtend: grouped attention — neighbours (distance < W) keep their positions, farther keys use positions "
+    "floor-divided by G; an attention function, exact, O(n) memory."
+)
+ATTN_NAME = "longctx_selfextend"
+BACKENDS = ("torch", "triton", "auto")
+
+
+@dataclass
+class SelfExtendConfig:
+    """SelfExtend. ``group_size`` G and ``window`` W (neighbour window), or ``target_length`` to solve them;
+    ``shift``: ``"int"`` (W − W//G) or ``"float"`` (W − W/G, LongLM's released code); ``scale_base``: multiply
+    queries by max(1, ln(i+1)/ln(scale_base)) (LongLM's option; off by default); ``attn_backend``: ``"torch"``,
+    ``"triton"`` or ``"auto"`` (Triton on CUDA when available; the torch path otherwise);
+    ``block_size``: query rows per block of the torch path (default: ~32M scores per block)."""
+
+    group_size: int | None = None
+    window: int | None = None
+    target_length: int | None = None
+    trained_length: int | None = None
+    shift: str = "int"
+    scale_base: float | None = None
+    attn_backend: str = "auto"
+    block_size: int | None = None
+
+
+@dataclass
+class _ModelState:
+    group_size: int
+    window: int
+    shift: str
+    scale_base: float | None
+    block_size: int | None
+    inv_freq: dict[Any, torch.Tensor] = field(default_factory=dict)  # layer type (None: flat) -> fp32 inv_freq
+    base_attention: str = "sdpa"
+
+
+# id(config) -> state, while a model is patched
+_STATES: dict[int, _ModelState] = {}
+
+
+def _layer_type(module: nn.Module, state: _ModelState) -> Any:
+    if None in state.inv_freq:
+        return None
+    layer_types = getattr(module.config, "layer_types", None)
+    return layer_types[module.layer_idx] if layer_types else None
+
+
+def _key_valid(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+    """``[B, kv]`` bool: keys visible to at least one query of this call (padding is visible to none)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -kv_len:].bool()
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return visible[..., :kv_len].any(dim=-2).any(dim=1).expand(batch, kv_len)
+
+
+def _positions(position_ids, key_valid, batch, q_len, kv_len, device):
+    if position_ids is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[None].expand(batch, q_len)
+    else:
+        q_pos = position_ids.to(device=device, dtype=torch.int64).expand(batch, q_len)
+    if q_len == kv_len and position_ids is not None:
+        return q_pos, q_pos
+    valid = key_valid if key_valid is not None else torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    # number of valid keys after each slot; the last slot is the last query's own key
+    after = valid.flip(-1).to(torch.int64).cumsum(-1).flip(-1) - valid.to(torch.int64)
+    k_pos = q_pos[:, -1:] - after
+    return q_pos, k_pos
+
+
+def selfextend_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """``AttentionInterface`` entry: SelfExtend on extended full-attention layers, sdpa elsewhere."""
+    state = _STATES.get(id(module.config))
+    layer_type = _layer_type(module, state) if state is not None else None
+    if state is None or layer_type not in state.inv_freq or getattr(module, "sliding_window", None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, _, q_len, dim = query.shape
+    kv_len = key.shape[2]
+    key_valid = _key_valid(attention_mask, batch, kv_len)
+    q_pos, k_pos = _positions(kwargs.get("position_ids"), key_valid, batch, q_len, kv_len, query.device)
+    scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or dim**-0.5
+    out = selfextend_attention(
+        query, key, value, q_pos, k_pos, state.inv_freq[layer_type], state.group_size, state.window, scaling,
+        causal=getattr(module, "is_causal", True), key_valid=key_valid, shift=state.shift,
+        scale_base=state.scale_base, softcap=kwargs.get("softcap"), block_size=state.block_size,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    if ATTN_NAME not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(ATTN_NAME, selfextend_attention_forward)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise NotImplementedError(
+            "the Triton SelfExtend kernel is not part of this release yet; use attn_backend='torch' or 'auto'"
+        )
+    return "torch"
+
+
+def apply(model: nn.Module, cfg: SelfExtendConfig) -> Applied:
+    if cfg.shift not in ("int", "float"):
+        raise ValueError(f"shift must be 'int' or 'float', got {cfg.shift!r}")
+    backend = _check_backend(cfg.attn_backend)
+    rotaries = find_rotary_modules(model)
+    if not rotaries:
+        raise NotARopeModelError(
+            f"{type(model).__name__} has no rotary position embeddings; SelfExtend regroups RoPE positions. For "
+            "absolute-position encoders use the absolute-position methods ('grouped', 'recurrent', 'pi', 'pcw')."
+        )
+    config = rotaries[0].config
+    L = int(cfg.trained_length) if cfg.trained_length else trained_length(config)
+    if cfg.target_length is not None and int(cfg.target_length) <= L:
+        raise ValueError(f"target_length={cfg.target_length} is not longer than the trained length {L}")
+    plan = solve_selfextend(L, cfg.target_length, cfg.group_size, cfg.window)
+    layer_types = extendable_layer_types(config)
+    state = _ModelState(plan.group_size, plan.window, cfg.shift, cfg.scale_base, cfg.block_size)
+    for r in rotaries:
+        for lt in layer_types or [None]:
+            name = f"{lt}_inv_freq" if lt is not None else "inv_freq"
+            state.inv_freq[lt] = getattr(r.module, name).detach().float().clone()
+    attention_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")
+                         and hasattr(m, "scaling") and m.config is config]
+    if attention_modules and all(getattr(m, "sliding_window", None) for m in attention_modules):
+        raise ValueError(
+            "every attention layer of this model uses a sliding window (config.sliding_window="
+            f"{getattr(config, 'sliding_window', None)}); SelfExtend applies to full-attention layers"
+        )
+
+    undo = Undo()
+    base = model.config._attn_implementation
+    state.base_attention = base if base != ATTN_NAME else "sdpa"
+    _register()
+    _STATES[id(config)] = state
+    undo.push(lambda: _STATES.pop(id(config), None))
+    model.set_attn_implementation(ATTN_NAME)
+    undo.push(lambda: model.set_attn_implementation(state.base_attention))
+    target = int(cfg.target_length) if cfg.target_length else plan.max_length
+    undo.setattr(config, "max_position_embeddings", max(target, config.max_position_embeddings or 0))
+
+    notes = [f"backend={backend}", f"reaches up to {plan.max_length} tokens "
+             f"(largest grouped relative position at the target: {plan.effective_length:.0f} of {L})"]
+    if state.base_attention not in ("sdpa", "eager"):
+        notes.append(f"attention '{state.base_attention}' replaced by SelfExtend's torch path while patched")
+    params = {"group_size": plan.group_size, "window": plan.window, "shift": cfg.shift, "attn_backend": backend}
+    if cfg.scale_base:
+        params["scale_base"] = cfg.scale_base
+    return Applied(
+        method=NAME, params=params, trained_length=L, target_length=target, factor=target / L,
+        layer_types=layer_types, revert=undo, notes=notes,
+    )
