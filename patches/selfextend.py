@@ -6,8 +6,8 @@
 and keeps per model the rotary ``inv_freq`` of every extended layer type. In attention, q/k arrive already rotated;
 the grouped branch rotates them further by the position delta (``longctx.kernels.selfextend_torch``).
 
-Positions, per row: queries from ``position_ids``; keys from the same ``position_ids`` when the call covers the
-whole sequence, else counted back from the last query over the valid (unpadded) cached slots — so left padding,
+Positions, per row: queries from ``position_ids`` (slot indices when the model passes none, as encoders do); keys
+from the same positions when the call covers the whole sequence, else counted back from the last query over the valid (unpadded) cached slots — so left padding,
 batches of different lengths, chunked prefill and q_len = 1 decode with transformers' standard KV cache (rotated
 keys) all work. Sliding-window layers (Gemma3's local layers, ModernBERT's local layers) are left to sdpa: they never
 see a distance ≥ their window. Encoders (``is_causal = False``) get the bidirectional variant: keys ≥ W away on
@@ -95,7 +95,7 @@ def _positions(position_ids, key_valid, batch, q_len, kv_len, device):
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[None].expand(batch, q_len)
     else:
         q_pos = position_ids.to(device=device, dtype=torch.int64).expand(batch, q_len)
-    if q_len == kv_len and position_ids is not None:
+    if q_len == kv_len:  # no cache: key slot s is query s
         return q_pos, q_pos
     valid = key_valid if key_valid is not None else torch.ones(batch, kv_len, dtype=torch.bool, device=device)
     # number of valid keys after each slot; the last slot is the last query's own key

@@ -1,0 +1,173 @@
+"""SelfExtend through transformers' attention interface: the official LongLM logits, exactness properties on every
+family, batching with padding, chunked prefill, cached decoding, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, SHARED, TRAINED, build
+from transformers import DynamicCache
+
+import longctx
+from longctx.models import NotARopeModelError
+
+FIXTURE = SHARED / "fixtures" / "selfextend_official"
+DECODERS = sorted(k for k in FAMILIES if k != "modernbert")
+# our fp32 attention vs sdpa's kernels on these deliberately large-logit tiny models: ~1e-5 apart by rounding alone
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def _ids(n, batch=1, seed=0):
+    return torch.randint(3, 120, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def official():
+    if not (FIXTURE / "reference.safetensors").exists():
+        pytest.skip(f"{FIXTURE} missing")
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    case = json.loads((FIXTURE / "case.json").read_text())
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in case.items() if k != "cases"})).eval()
+    model.load_state_dict(load_file(FIXTURE / "model.safetensors"))
+    return model, case["cases"], load_file(FIXTURE / "reference.safetensors")
+
+
+def test_reproduces_official_longlm_logits(official):
+    model, cases, ref = official
+    for case in cases:
+        G, W, n = case["group_size"], case["window"], case["length"]
+        ids = ref[f"input_ids_G{G}_W{W}_L{n}"]
+        torch.testing.assert_close(_logits(model, ids), ref[f"vanilla_logits_L{n}"], atol=1e-5, rtol=0)
+        longctx.patch(model, "selfextend", group_size=G, window=W, shift="float")
+        torch.testing.assert_close(_logits(model, ids), ref[f"logits_G{G}_W{W}_L{n}"], atol=1e-5, rtol=0)
+        longctx.patch(model, "selfextend", group_size=G, window=W)  # integer shift
+        diff = (_logits(model, ids) - ref[f"logits_G{G}_W{W}_L{n}"]).abs().max()
+        assert (diff < 1e-5) == (W % G == 0)  # the two shifts only differ when G does not divide W
+        longctx.unpatch(model)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_group_one_and_short_inputs_equal_unpatched(model_type):
+    model = build(model_type)
+    ids = _ids(3 * TRAINED, batch=2)
+    short = ids[:, :12]
+    original, original_short = _logits(model, ids), _logits(model, short)
+    longctx.patch(model, "selfextend", group_size=1, window=16)
+    torch.testing.assert_close(_logits(model, ids), original, **TOL)
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    torch.testing.assert_close(_logits(model, short), original_short, **TOL)
+    assert (_logits(model, ids) - original).abs().max() > 1e-3
+    longctx.unpatch(model)
+    assert torch.equal(_logits(model, ids), original)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_left_padded_batch_equals_rows_alone(model_type):
+    model = build(model_type)
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    lengths = [150, 97]
+    n = max(lengths)
+    rows = [_ids(k, seed=k) for k in lengths]
+    causal = model_type != "modernbert"
+    ids = torch.zeros(2, n, dtype=torch.long)
+    mask = torch.zeros(2, n, dtype=torch.long)
+    for b, (row, k) in enumerate(zip(rows, lengths)):
+        sl = slice(n - k, n) if causal else slice(0, k)  # decoders left-pad, encoders right-pad
+        ids[b, sl], mask[b, sl] = row[0], 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    kw = {"position_ids": position_ids} if causal else {}
+    batched = _logits(model, ids, attention_mask=mask, **kw)
+    for b, (row, k) in enumerate(zip(rows, lengths)):
+        alone = _logits(model, row)[0]
+        got = batched[b, n - k :] if causal else batched[b, :k]
+        torch.testing.assert_close(got, alone, **TOL)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_chunked_prefill_and_cached_decode_equal_one_shot(model_type):
+    model = build(model_type)
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    ids = _ids(200)
+    full = _logits(model, ids)
+    cache = DynamicCache(config=model.config)
+    pieces = []
+    with torch.no_grad():
+        for start, end in [(0, 70), (70, 130), (130, 190)] + [(t, t + 1) for t in range(190, 200)]:
+            pieces.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, **TOL)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt_neox"])
+def test_greedy_generate_with_cache_equals_recompute(model_type):
+    model = build(model_type)
+    longctx.patch(model, "selfextend", target_length=4 * TRAINED)
+    prompt = _ids(TRAINED + 40)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
+def test_generate_batch_with_left_padding_equals_rows_alone():
+    model = build("qwen2")
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    rows = [_ids(120, seed=1), _ids(90, seed=2)]
+    ids = torch.zeros(2, 120, dtype=torch.long)
+    mask = torch.zeros(2, 120, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 120 - row.shape[1]:], mask[b, 120 - row.shape[1]:] = row[0], 1
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, **kw)
+        for b, row in enumerate(rows):
+            alone = model.generate(row, **kw)
+            assert torch.equal(batched[b, 120:], alone[0, row.shape[1]:])
+
+
+def test_gemma3_sliding_layers_use_plain_attention():
+    model = build("gemma3_text")
+    info = longctx.patch(model, "selfextend", group_size=4, window=16)
+    assert info.layer_types == ["full_attention"]
+    assert model.config._attn_implementation == "longctx_selfextend"
+    longctx.unpatch(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_target_length_solves_group_and_window():
+    model = build("llama")
+    info = longctx.patch(model, "selfextend", target_length=8 * TRAINED)
+    G, W = info.params["group_size"], info.params["window"]
+    assert W == TRAINED // 4 and (TRAINED - W) * G + W >= 8 * TRAINED
+    assert W + (8 * TRAINED - W) / G <= 2 / 3 * TRAINED
+    assert info.target_length == 8 * TRAINED and model.config.max_position_embeddings == 8 * TRAINED
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"group_size": 0, "window": 8}, "group_size must be >= 1"),
+    ({"group_size": 4, "window": 0}, "window must be >= 1"),
+    ({"group_size": 4, "window": TRAINED}, "must be smaller than the trained length"),
+    ({"group_size": 2, "window": 16, "target_length": 1000}, "reach at most"),
+    ({"group_size": 4, "window": 16, "shift": "round"}, "shift must be"),
+    ({"group_size": 4, "window": 16, "attn_backend": "cuda"}, "attn_backend must be one of"),
+])
+def test_errors(params, match):
+    model = build("llama")
+    with pytest.raises(ValueError, match=match):
+        longctx.patch(model, "selfextend", **params)
+    assert not longctx.is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_non_rope_model_error():
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(NotARopeModelError, match="absolute-position"):
+        longctx.patch(bert, "selfextend", group_size=4, window=16)
