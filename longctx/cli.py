@@ -114,6 +114,10 @@ def eval_ppl(
     trained_length: Annotated[Optional[int], typer.Option(help="Override the trained length from the config.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write results.json and results.csv here.")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
+    param: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Method parameter METHOD.NAME=VALUE, repeatable (e.g. selfextend.group_size=16)."),
+    ] = None,
 ):
     """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length).
 
@@ -143,7 +147,7 @@ def eval_ppl(
     )
     rows = ppl_table(
         hf, ids, _csv_list(methods), length_list, trained_length=trained_length,
-        max_windows=max_windows or None,
+        max_windows=max_windows or None, method_params=_method_params(param or []),
     )
     table = Table(title=f"perplexity ({model}, trained {trained})")
     for col in ("method", "length", "factor", "windows", "tokens", "ppl", f"ppl past {trained}"):
@@ -156,6 +160,23 @@ def eval_ppl(
     console.print(f"done in {time.time() - start:.0f} s")
     if out is not None:
         _write_results(out, rows, {"task": "ppl", "model": model, "text": text, "methods": methods})
+
+
+def _method_params(items: list[str]) -> dict[str, dict]:
+    """``["selfextend.group_size=16", …]`` → ``{"selfextend": {"group_size": 16}}`` (values parsed as JSON if they
+    can be, else kept as strings)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise typer.BadParameter(f"--param takes METHOD.NAME=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(method, {})[name] = value
+    return out
 
 
 def _write_results(out: Path, rows: list[dict], meta: dict) -> None:

@@ -16,7 +16,13 @@ import torch
 from longctx.core.positions import selfextend_key_positions, selfextend_query_positions, selfextend_shift
 from longctx.core.rope import rotate_by_angles
 
-__all__ = ["selfextend_attention", "selfextend_attention_naive", "log_scale"]
+__all__ = [
+    "selfextend_attention",
+    "selfextend_attention_blocked",
+    "selfextend_attention_fused",
+    "selfextend_attention_naive",
+    "log_scale",
+]
 
 
 def log_scale(q_pos: torch.Tensor, scale_base: float) -> torch.Tensor:
@@ -68,7 +74,96 @@ def selfextend_attention(
     softcap: float | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
-    """SelfExtend attention computed in query blocks; returns ``[B, Hq, q, Dv]`` in ``query.dtype``.
+    """SelfExtend attention, ``[B, Hq, q, Dv]`` in ``query.dtype``: the fused-SDPA path where it applies (causal,
+    no softcap, positions contiguous per row), else the blocked path. Both are exact (see the module docstring)."""
+    kwargs = dict(causal=causal, key_valid=key_valid, shift=shift, scale_base=scale_base, softcap=softcap,
+                  block_size=block_size)
+    if causal and not softcap and _contiguous(k_pos, key_valid) and value.shape[-1] == query.shape[-1]:
+        kwargs.pop("causal"), kwargs.pop("softcap")
+        return selfextend_attention_fused(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
+                                          **kwargs)
+    return selfextend_attention_blocked(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
+                                        **kwargs)
+
+
+def _contiguous(k_pos: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
+    """Valid keys sit at consecutive positions (position = slot − a per-row constant): distances are slot distances."""
+    offset = k_pos - torch.arange(k_pos.shape[1], device=k_pos.device)
+    if key_valid is None:
+        return bool((offset == offset[:, -1:]).all())
+    return bool(((offset == offset[:, -1:]) | ~key_valid).all())
+
+
+def selfextend_attention_fused(
+    query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling, *, key_valid=None, shift="int",
+    scale_base=None, block_size=None,
+) -> torch.Tensor:
+    """Causal SelfExtend as one fused ``scaled_dot_product_attention`` call per query block.
+
+    Both branches share one softmax by concatenating head dims: the query is ``[q_n, q_g]`` (2D), a key appears as
+    ``[k_n, 0]`` (neighbour copy) or ``[0, k_g]`` (grouped copy), so each copy's score is exactly its branch's score.
+    Per query block, keys ≥ W before the block's first query only need their grouped copy, keys within W of its
+    last query only their neighbour copy; the band between gets both and a boolean mask picks one per pair (plus
+    causality and padding). Needs positions contiguous per row (checked by the dispatcher), no softcap.
+    """
+    batch, hq, q_len, dim = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    if scale_base is not None and scale_base > 0:
+        query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
+    q_left, _, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, False)
+    zeros = torch.zeros_like(key)
+    q2 = torch.cat((query, q_left), -1)
+    kn2, kg2 = torch.cat((key, zeros), -1), torch.cat((zeros, k_g), -1)
+    v2 = torch.cat((value, torch.zeros_like(value)), -1)
+    gqa = {"enable_gqa": True} if hq != hkv else {}
+    offset = kv_len - q_len  # slot of query t is offset + t
+    if block_size is None:
+        block_size = max(16, min(q_len, (1 << 24) // max(1, batch * hq * kv_len)))
+    out = torch.empty_like(query)
+    device = query.device
+    for qs in range(0, q_len, block_size):
+        qe = min(q_len, qs + block_size)
+        first, last = offset + qs, offset + qe - 1  # slots of the block's queries
+        a_end = max(0, first - window + 1)  # keys < a_end: grouped for every query of the block
+        c_start = max(a_end, last - window + 1)  # keys >= c_start: neighbour for every query of the block
+        keys = torch.cat((kg2[:, :, :c_start], kn2[:, :, a_end : last + 1]), 2)
+        vals = torch.cat((v2[:, :, :c_start], v2[:, :, a_end : last + 1]), 2)
+        i = torch.arange(first, last + 1, device=device)[:, None]
+        jg = torch.arange(0, c_start, device=device)[None]
+        jn = torch.arange(a_end, last + 1, device=device)[None]
+        mask = torch.cat(((i - jg >= window).expand(qe - qs, -1), (i - jn < window) & (jn <= i)), 1)[None]
+        if key_valid is not None:
+            mask = mask & torch.cat((key_valid[:, :c_start], key_valid[:, a_end : last + 1]), 1)[:, None]
+        mask = mask[:, None]  # [B or 1, 1, bq, keys]
+        out[:, :, qs:qe] = torch.nn.functional.scaled_dot_product_attention(
+            q2[:, :, qs:qe], keys, vals, attn_mask=mask, scale=scaling, **gqa
+        )[..., :dim]
+    if key_valid is not None:  # queries that see no key (padding) are zeros, like the blocked path
+        seen = key_valid[:, offset:][:, None, :, None]
+        out = out.masked_fill(~seen, 0)
+    return out
+
+
+def selfextend_attention_blocked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    group_size: int,
+    window: int,
+    scaling: float,
+    *,
+    causal: bool = True,
+    key_valid: torch.Tensor | None = None,
+    shift: str = "int",
+    scale_base: float | None = None,
+    softcap: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """SelfExtend attention computed in query blocks (any mask, causal or bidirectional, softcap);
+    returns ``[B, Hq, q, Dv]`` in ``query.dtype``.
 
     Per block only ``block × kv`` scores exist (one map, neighbour/grouped selected per pair), so memory is O(n) for
     a fixed block; with ``causal`` the keys after the block's last query are skipped. ``key_valid [B, kv]`` masks

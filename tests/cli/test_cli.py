@@ -69,3 +69,16 @@ def test_eval_ppl_writes_results(stories_path, tmp_path):
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert not list(out.glob("*.tmp"))
+
+
+def test_method_params_parsing():
+    import typer
+
+    from longctx.cli import _method_params
+
+    assert _method_params(["selfextend.group_size=16", "selfextend.shift=float", "yarn.beta_fast=16.5"]) == {
+        "selfextend": {"group_size": 16, "shift": "float"},
+        "yarn": {"beta_fast": 16.5},
+    }
+    with pytest.raises(typer.BadParameter, match="METHOD.NAME=VALUE"):
+        _method_params(["group_size=16"])

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from longctx.core.rope import default_inv_freq, rotate_by_angles
-from longctx.kernels.selfextend_torch import selfextend_attention, selfextend_attention_naive
+from longctx.kernels.selfextend_torch import (
+    selfextend_attention,
+    selfextend_attention_blocked,
+    selfextend_attention_fused,
+    selfextend_attention_naive,
+)
 
 
 def oracle(q_raw, k_raw, v, q_pos, k_pos, inv_freq, G, W, scaling, causal, key_valid, shift):
@@ -117,3 +122,25 @@ def test_low_precision_within_twice_the_sdpa_error(dtype):
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.3)
     baseline = (plain.float() - plain_ref).abs().max()
     assert (ours.float() - ref).abs().max() <= 2 * baseline + 1e-6
+
+
+@pytest.mark.parametrize("Q", [1, 7, 50])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (4, 4)])
+@pytest.mark.parametrize("block", [None, 3])
+def test_fused_equals_blocked(Q, Hq, Hkv, block):
+    _, _, v, q, k, q_pos, k_pos, inv, valid = _case(Hq=Hq, Hkv=Hkv, Q=Q, KV=50, padding=9, seed=Q)
+    for G, W, shift in [(4, 8, "int"), (3, 10, "float"), (1, 4, "int")]:
+        blocked = selfextend_attention_blocked(q, k, v, q_pos, k_pos, inv, G, W, 0.3, key_valid=valid, shift=shift,
+                                               scale_base=16)
+        fused = selfextend_attention_fused(q, k, v, q_pos, k_pos, inv, G, W, 0.3, key_valid=valid, shift=shift,
+                                           scale_base=16, block_size=block)
+        torch.testing.assert_close(fused, blocked, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_falls_back_for_non_contiguous_positions():
+    _, _, v, q, k, q_pos, k_pos, inv, _ = _case(Q=20, KV=20)
+    k_pos = k_pos * 2  # packed / strided positions: distances are not slot distances
+    q_pos = k_pos
+    got = selfextend_attention(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3)
+    ref = selfextend_attention_naive(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -3,7 +3,8 @@
 Fast enough for every CI run (15.5k tokens, four lengths, five variants). The table it produces is the one in README
 (regenerate it with ``longctx eval ppl --model ../shared/models/stories260K --text
 ../shared/data/tinystories/tinystories_valid_subset.txt --lengths 512,1024,2048,4096
---methods vanilla,pi,ntk,dynamic_ntk,yarn --max-windows 0``).
+--methods vanilla,pi,ntk,dynamic_ntk,yarn,selfextend --max-windows 0 --param selfextend.group_size=16
+--param selfextend.window=128``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import longctx
 from longctx.eval.perplexity import ppl_table, token_ids
 
-METHODS = ["vanilla", "pi", "ntk", "dynamic_ntk", "yarn"]
+METHODS = ["vanilla", "pi", "ntk", "dynamic_ntk", "yarn", "selfextend"]
+SELFEXTEND = {"selfextend": {"group_size": 16, "window": 128}}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def valid_ids(stories, stories_path):
 def test_ppl_versus_length(stories, valid_ids):
     model, _ = stories
     torch.set_num_threads(2)
-    rows = ppl_table(model, valid_ids, METHODS, [512, 1024, 2048, 4096], progress=False)
+    rows = ppl_table(model, valid_ids, METHODS, [512, 1024, 2048, 4096], method_params=SELFEXTEND, progress=False)
     table = {(r["method"], r["length"]): r["ppl"] for r in rows}
     print("\n".join(f"{m:>12} {n:>5} {p:8.2f}" for (m, n), p in table.items()))
 
@@ -48,6 +50,9 @@ def test_ppl_versus_length(stories, valid_ids):
     best_8x = min(table[(m, 4096)] for m in METHODS[1:])
     assert vanilla_8x > 4 * table[("vanilla", 512)]
     assert best_8x < 0.5 * vanilla_8x
+    # SelfExtend (G=16, W=128) at 4x and 8x stays within 10% of the 1x perplexity
+    for n in (2048, 4096):
+        assert table[("selfextend", n)] < 1.10 * table[("vanilla", 512)]
     # and the model is left unpatched
     assert not longctx.is_patched(model)
 
@@ -57,8 +62,10 @@ def test_real_model_unpatch_is_bit_exact(stories, valid_ids):
     ids = valid_ids[:1500][None]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    for method in ("pi", "ntk", "dynamic_ntk", "yarn"):
-        longctx.patch(model, method, factor=4)
+    for method, params in [("pi", {}), ("ntk", {}), ("dynamic_ntk", {}), ("yarn", {}),
+                           ("selfextend", {"group_size": 4, "window": 128})]:
+        longctx.patch(model, method, factor=4, **params) if method != "selfextend" else longctx.patch(
+            model, method, **params)
         with torch.no_grad():
             patched = model(input_ids=ids).logits
         assert (patched - before).abs().max() > 1e-2
