@@ -171,3 +171,13 @@ def test_non_rope_model_error():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(NotARopeModelError, match="absolute-position"):
         longctx.patch(bert, "selfextend", group_size=4, window=16)
+
+
+def test_beam_search_with_cache_equals_recompute():
+    """SelfExtend keeps no state across calls, so the cache reordering of beam search needs nothing from it."""
+    model = build("llama")
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    prompt = _ids(TRAINED + 30, seed=5)
+    kw = dict(max_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
