@@ -25,6 +25,8 @@ __all__ = [
     "yarn_attention_factor",
     "resolve_factor",
     "rotate_by_angles",
+    "rotation_tables",
+    "apply_rotation",
 ]
 
 
@@ -154,6 +156,24 @@ def resolve_factor(trained_length: int, factor: float | None = None, target_leng
     return float(factor)
 
 
+def rotation_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of per-pair ``angles`` laid out for the rotate-half convention (fp32, last dim doubled)."""
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` by precomputed tables (see :func:`rotation_tables`)."""
+    rot_dim = cos.shape[-1]
+    half = rot_dim // 2
+    r = x[..., :rot_dim].float()
+    x1, x2 = r[..., :half], r[..., half:]
+    rotated = (r * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    if rot_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
+
+
 def rotate_by_angles(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate the rotary part of ``x`` (rotate-half layout) by per-pair ``angles``.
 
@@ -161,14 +181,8 @@ def rotate_by_angles(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     Returns ``x`` with its first ``rot_dim`` dims rotated — the same convention as transformers'
     ``apply_rotary_pos_emb`` (``x·cos + rotate_half(x)·sin``). Computed in fp32, returned in ``x.dtype``.
     """
-    half = angles.shape[-1]
-    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
-    emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    r = rot.float()
-    x1, x2 = r[..., :half], r[..., half:]
-    rotated = r * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+    cos, sin = rotation_tables(angles)
+    return apply_rotation(x, cos, sin)
 
 
 def _check_factor(factor: float | None) -> None:

@@ -14,7 +14,7 @@ import math
 import torch
 
 from longctx.core.positions import selfextend_key_positions, selfextend_query_positions, selfextend_shift
-from longctx.core.rope import rotate_by_angles
+from longctx.core.rope import apply_rotation, rotate_by_angles, rotation_tables
 
 __all__ = [
     "selfextend_attention",
@@ -30,12 +30,34 @@ def log_scale(q_pos: torch.Tensor, scale_base: float) -> torch.Tensor:
     return (torch.log(q_pos.float() + 1) / math.log(scale_base)).clamp(min=1)
 
 
+class _KeyTables:
+    """cos/sin of the grouped key rotation, kept from the previous call: every layer of a forward (and of a decode
+    step) sees the same key positions, so the tables are computed once per forward instead of once per layer."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, k_pos: torch.Tensor, inv_freq: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is not None:
+            pos, freq, g = self.key
+            if (g == group_size and pos.shape == k_pos.shape and pos.device == k_pos.device
+                    and freq.shape == inv_freq.shape and torch.equal(pos, k_pos) and torch.equal(freq, inv_freq)):
+                return self.tables
+        dk = selfextend_key_positions(k_pos, group_size) - k_pos.float()
+        self.tables = rotation_tables(dk[:, None, :, None] * inv_freq)
+        self.key = (k_pos.clone(), inv_freq.clone(), group_size)
+        return self.tables
+
+
+_KEY_TABLES = _KeyTables()
+
+
 def _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, bidirectional):
     inv_freq = inv_freq.to(device=query.device, dtype=torch.float32)
     dq = selfextend_query_positions(q_pos, group_size, window, shift) - q_pos.float()
-    dk = selfextend_key_positions(k_pos, group_size) - k_pos.float()
     q_left = rotate_by_angles(query, dq[:, None, :, None] * inv_freq)
-    k_g = rotate_by_angles(key, dk[:, None, :, None] * inv_freq)
+    k_g = apply_rotation(key, *_KEY_TABLES.get(k_pos, inv_freq, group_size))
     q_right = None
     if bidirectional:  # keys W or more to the right: the mirror image, query at i // G − shift
         dq_right = dq - 2 * selfextend_shift(group_size, window, shift)
@@ -74,16 +96,17 @@ def selfextend_attention(
     softcap: float | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
-    """SelfExtend attention, ``[B, Hq, q, Dv]`` in ``query.dtype``: the fused-SDPA path where it applies (causal,
-    no softcap, positions contiguous per row), else the blocked path. Both are exact (see the module docstring)."""
-    kwargs = dict(causal=causal, key_valid=key_valid, shift=shift, scale_base=scale_base, softcap=softcap,
-                  block_size=block_size)
-    if causal and not softcap and _contiguous(k_pos, key_valid) and value.shape[-1] == query.shape[-1]:
-        kwargs.pop("causal"), kwargs.pop("softcap")
+    """SelfExtend attention, ``[B, Hq, q, Dv]`` in ``query.dtype``: the fused-SDPA path for causal prefill (no
+    softcap, positions contiguous per row), the blocked path otherwise (decoding, bidirectional, softcap, any
+    positions). Both are exact (see the module docstring)."""
+    kwargs = dict(key_valid=key_valid, shift=shift, scale_base=scale_base, block_size=block_size)
+    contiguous = causal and _contiguous(k_pos, key_valid)
+    small_q = query.shape[2] <= 16  # decoding: the blocked path's restricted key ranges beat building 2D keys
+    if contiguous and not softcap and not small_q and value.shape[-1] == query.shape[-1]:
         return selfextend_attention_fused(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
                                           **kwargs)
     return selfextend_attention_blocked(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
-                                        **kwargs)
+                                        causal=causal, softcap=softcap, contiguous=contiguous, **kwargs)
 
 
 def _contiguous(k_pos: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
@@ -161,52 +184,73 @@ def selfextend_attention_blocked(
     scale_base: float | None = None,
     softcap: float | None = None,
     block_size: int | None = None,
+    contiguous: bool = False,
 ) -> torch.Tensor:
     """SelfExtend attention computed in query blocks (any mask, causal or bidirectional, softcap);
     returns ``[B, Hq, q, Dv]`` in ``query.dtype``.
 
     Per block only ``block × kv`` scores exist (one map, neighbour/grouped selected per pair), so memory is O(n) for
-    a fixed block; with ``causal`` the keys after the block's last query are skipped. ``key_valid [B, kv]`` masks
-    padding. Rows with no valid key (padding queries) return zeros.
+    a fixed block; with ``causal`` the keys after the block's last query are skipped, and with ``contiguous``
+    positions (distances = slot distances) the grouped scores are only computed for keys ≥ W before the block's
+    last query and the neighbour scores only for keys within W of its first. GQA query heads are folded into the
+    rows of one matmul per KV head (K/V never repeated). ``key_valid [B, kv]`` masks padding; rows with no valid key
+    (padding queries) return zeros.
     """
-    batch, hq, q_len, dim = query.shape
+    batch, hq, q_len, _ = query.shape
     hkv, kv_len = key.shape[1], key.shape[2]
     rep = hq // hkv
     if scale_base is not None and scale_base > 0:
         query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
     q_left, q_right, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, not causal)
 
-    def heads(x):  # [B, Hq, q, D] -> [B, Hkv, rep, q, D] fp32, without repeating K/V
+    def heads(x):  # [B, Hq, q, D] -> [B, Hkv, rep, q, D] fp32
         return x.float().reshape(batch, hkv, rep, q_len, x.shape[-1])
+
+    def rows(x, qs, qe):  # block rows of every query head of a KV head: [B, Hkv, rep * bq, D]
+        return x[:, :, :, qs:qe].reshape(batch, hkv, rep * (qe - qs), x.shape[-1])
 
     qn, qg = heads(query), heads(q_left)
     qr = heads(q_right) if q_right is not None else None
-    kn, kg, vf = key.float()[:, :, None], k_g.float()[:, :, None], value.float()[:, :, None]
+    kn, kg, vf = key.float(), k_g.float(), value.float()
     qp, kp = q_pos.to(torch.int64), k_pos.to(torch.int64)
+    offset = kv_len - q_len
 
     if block_size is None:  # ~32M fp32 scores per block
         block_size = max(16, min(q_len, (1 << 25) // max(1, batch * hq * kv_len)))
     out = torch.empty(batch, hkv, rep, q_len, value.shape[-1], dtype=torch.float32, device=query.device)
     for qs in range(0, q_len, block_size):
         qe = min(q_len, qs + block_size)
-        ke = min(kv_len, kv_len - q_len + qe) if causal else kv_len
-        rel = qp[:, qs:qe, None] - kp[:, None, :ke]  # [B, bq, bk]
-        near = (rel < window) if causal else (rel.abs() < window)
-        scores_n = qn[:, :, :, qs:qe] @ kn[..., :ke, :].transpose(-1, -2)
-        scores_g = qg[:, :, :, qs:qe] @ kg[..., :ke, :].transpose(-1, -2)
-        near = near[:, None, None]
-        scores = torch.where(near, scores_n, scores_g)
-        if qr is not None:
-            scores_r = qr[:, :, :, qs:qe] @ kg[..., :ke, :].transpose(-1, -2)
-            scores = torch.where((rel < 0)[:, None, None] & ~near, scores_r, scores)
-        scores = scores * scaling
+        bq = qe - qs
+        ke = min(kv_len, offset + qe) if causal else kv_len
+        if causal and contiguous:
+            n_start = min(ke, max(0, offset + qs - window + 1))  # keys before: grouped for the whole block
+            g_end = max(n_start, min(ke, offset + qe - window))  # keys from here on: neighbours for the whole block
+        else:
+            n_start, g_end = 0, ke
+        scores = torch.empty(batch, hkv, rep * bq, ke, dtype=torch.float32, device=query.device)
+        if g_end > 0:
+            scores[..., :g_end] = rows(qg, qs, qe) @ kg[:, :, :g_end].transpose(-1, -2)
+        if ke > n_start:
+            neighbour = rows(qn, qs, qe) @ kn[:, :, n_start:ke].transpose(-1, -2)
+            band = slice(n_start, g_end)
+            rel = qp[:, qs:qe, None] - kp[:, None, band]  # [B, bq, band]
+            near = ((rel < window) if causal else (rel.abs() < window))[:, None, None]
+            view = scores[..., band].view(batch, hkv, rep, bq, -1)
+            nb = neighbour[..., : g_end - n_start].view(batch, hkv, rep, bq, -1)
+            merged = torch.where(near, nb, view)
+            if qr is not None:
+                right = (rows(qr, qs, qe) @ kg[:, :, band].transpose(-1, -2)).view(batch, hkv, rep, bq, -1)
+                merged = torch.where((rel < 0)[:, None, None] & ~near, right, merged)
+            scores[..., band] = merged.reshape(batch, hkv, rep * bq, -1)
+            scores[..., g_end:ke] = neighbour[..., g_end - n_start :]
+        scores = scores.view(batch, hkv, rep, bq, ke) * scaling
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         allowed = _allowed(q_len, kv_len, qs, qe, 0, ke, causal, key_valid, query.device)
         if allowed is not None:
             scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[:, :, :, qs:qe] = probs @ vf[..., :ke, :]
+        out[:, :, :, qs:qe] = (probs.view(batch, hkv, rep * bq, ke) @ vf[:, :, :ke]).view(batch, hkv, rep, bq, -1)
     return out.reshape(batch, hq, q_len, -1).to(query.dtype)
 
 

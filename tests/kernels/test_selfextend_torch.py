@@ -144,3 +144,15 @@ def test_dispatch_falls_back_for_non_contiguous_positions():
     got = selfextend_attention(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3)
     ref = selfextend_attention_naive(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Q", [1, 4, 40])
+@pytest.mark.parametrize("block", [None, 3])
+def test_blocked_restricted_ranges_equal_naive(Q, block):
+    """The contiguous fast path of the blocked kernel (grouped / neighbour scores only where needed)."""
+    _, _, v, q, k, q_pos, k_pos, inv, valid = _case(Q=Q, KV=40, padding=6, seed=Q + 1)
+    for G, W in [(4, 8), (2, 3), (5, 39)]:
+        naive = selfextend_attention_naive(q, k, v, q_pos, k_pos, inv, G, W, 0.3, key_valid=valid)
+        blocked = selfextend_attention_blocked(q, k, v, q_pos, k_pos, inv, G, W, 0.3, key_valid=valid,
+                                               block_size=block, contiguous=True)
+        torch.testing.assert_close(blocked, naive, atol=1e-5, rtol=1e-5)
