@@ -69,7 +69,9 @@ class ModelInfo:
 def unwrap(model: Any) -> nn.Module:
     """The transformers model inside ``model`` (a sentence-transformers model is unwrapped to its first module's
     ``auto_model``); transformers models are returned as they are."""
-    if hasattr(model, "config") and isinstance(model, nn.Module):
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
         return model
     # sentence-transformers: SentenceTransformer is an nn.Sequential whose first module wraps the HF model
     try:
@@ -80,6 +82,8 @@ def unwrap(model: Any) -> nn.Module:
         inner = getattr(first, attr, None)
         if isinstance(inner, nn.Module) and hasattr(inner, "config"):
             return inner
+    if isinstance(model, nn.Module) and hasattr(model, "config") and hasattr(model.config, "model_type"):
+        return model  # a transformers-style module that is not a PreTrainedModel subclass
     raise TypeError(
         f"expected a transformers PreTrainedModel or a sentence-transformers model, got {type(model).__name__}"
     )
