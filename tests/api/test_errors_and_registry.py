@@ -79,7 +79,8 @@ def test_unpatch_without_patch_is_false():
 
 def test_methods_listing():
     listing = {m["name"]: m for m in longctx.methods()}
-    assert {"pi", "ntk", "dynamic_ntk", "yarn"} <= set(listing)
+    assert {"pi", "ntk", "dynamic_ntk", "yarn", "selfextend"} <= set(listing)
+    assert listing["selfextend"]["kind"] == "rope_attention" and not listing["selfextend"]["standard_config"]
     yarn = {p["name"]: p["default"] for p in listing["yarn"]["parameters"]}
     assert yarn["beta_fast"] == 32.0 and yarn["beta_slow"] == 1.0 and "target_length" in yarn
     assert all(m["description"] for m in listing.values())
