@@ -29,9 +29,8 @@ if variant != "vanilla":
     longctx.patch(model, "selfextend", target_length=max(n + steps, trained + 1))
 if variant == "naive":
     import longctx.kernels.selfextend_torch as k
-    k.selfextend_attention = k.selfextend_attention_naive
     import longctx.patches.selfextend as p
-    p.selfextend_attention = k.selfextend_attention_naive
+    p.selfextend_attention = lambda *a, block_size=None, **kw: k.selfextend_attention_naive(*a, **kw)
 ids = torch.randint(10, 40000, (1, n), generator=torch.Generator().manual_seed(0)).to(model.device)
 sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 if device != "cpu":
