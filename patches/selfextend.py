@@ -16,17 +16,19 @@ either side use grouped positions.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from longctx.core.positions import solve_selfextend
-from longctx.kernels.selfextend_torch import selfextend_attention
+from longctx.kernels.selfextend_torch import grouped_keys, selfextend_attention
 from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
 
 from .base import Applied, Undo
@@ -67,6 +69,68 @@ class _ModelState:
     block_size: int | None
     inv_freq: dict[Any, torch.Tensor] = field(default_factory=dict)  # layer type (None: flat) -> fp32 inv_freq
     base_attention: str = "sdpa"
+    # id(attention module) -> (cache layer of this call, whether its keys are the ones last seen), set by a pre-hook
+    pending: dict[int, tuple[Any, bool]] = field(default_factory=dict)
+
+
+_CACHE_ATTR = "_longctx_selfextend_grouped"
+
+
+@dataclass
+class _GroupedKeys:
+    """Keys of one KV-cache layer re-rotated to their grouped positions, kept on that cache layer (so they live and
+    die with the cache) and extended as it grows: a decoding step rotates only its new keys, not the whole cache."""
+
+    keys_ref: Any  # weakref to the cache layer's key tensor they were computed from
+    k_pos: torch.Tensor  # [B, length]
+    buffer: torch.Tensor  # [B, Hkv, capacity, D]
+    length: int
+    tag: tuple  # (group size, inv_freq) they were rotated with
+
+
+def _cache_layer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Note which KV-cache layer this attention call will use and whether the cache still holds the keys we last
+    saw (any cache edit — crop, beam reorder, a new cache — replaces that tensor, so identity is a safe test)."""
+    state = _STATES.get(id(getattr(module, "config", None)))
+    if state is None:
+        return
+    cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+    layers = getattr(cache, "layers", None)
+    idx = getattr(module, "layer_idx", None)
+    layer = layers[idx] if layers is not None and idx is not None and idx < len(layers) else None
+    entry = getattr(layer, _CACHE_ATTR, None)
+    keys = getattr(layer, "keys", None)
+    continues = entry is not None and keys is not None and entry.keys_ref() is keys
+    state.pending[id(module)] = (layer, continues)
+
+
+def _cached_grouped_keys(layer: Any, continues: bool, key: torch.Tensor, k_pos: torch.Tensor, q_len: int,
+                         inv_freq: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Grouped keys for all ``kv`` slots, reusing (and extending) those stored on the cache layer when the cache
+    only grew by this call's ``q_len`` keys at unchanged positions; recomputed otherwise."""
+    entry: _GroupedKeys | None = getattr(layer, _CACHE_ATTR, None)
+    batch, hkv, kv_len, dim = key.shape
+    old = kv_len - q_len
+    tag = (group_size, inv_freq)
+    if (continues and entry is not None and entry.tag[0] == group_size and entry.tag[1] is inv_freq
+            and entry.length == old > 0 and entry.buffer.shape[:2] == (batch, hkv)
+            and entry.buffer.dtype == key.dtype and torch.equal(entry.k_pos, k_pos[:, :old])):
+        new = grouped_keys(key[:, :, old:], k_pos[:, old:], inv_freq, group_size)
+        if entry.buffer.shape[2] < kv_len:  # grow by a margin: one copy per 256+ decoding steps
+            grown = key.new_empty(batch, hkv, kv_len + max(256, kv_len // 16), dim)
+            grown[:, :, :old] = entry.buffer[:, :, :old]
+            entry.buffer = grown
+        entry.buffer[:, :, old:kv_len] = new
+        entry.k_pos = k_pos.clone()
+    else:
+        entry = _GroupedKeys(None, k_pos.clone(), key.new_empty(batch, hkv, kv_len + 256, dim), 0, tag)
+        entry.buffer[:, :, :kv_len] = grouped_keys(key, k_pos, inv_freq, group_size)
+    entry.length, entry.keys_ref = kv_len, weakref.ref(key)
+    try:
+        setattr(layer, _CACHE_ATTR, entry)
+    except AttributeError:  # a cache layer that takes no attributes: nothing is kept
+        pass
+    return entry.buffer[:, :, :kv_len]
 
 
 # id(config) -> state, while a model is patched
@@ -115,10 +179,16 @@ def selfextend_attention_forward(module, query, key, value, attention_mask, **kw
     key_valid = _key_valid(attention_mask, batch, kv_len)
     q_pos, k_pos = _positions(kwargs.get("position_ids"), key_valid, batch, q_len, kv_len, query.device)
     scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or dim**-0.5
+    inv_freq = state.inv_freq[layer_type]
+    layer, continues = state.pending.pop(id(module), (None, False))
+    grouped = None
+    if layer is not None and getattr(layer, "keys", None) is key:  # keys come from a KV cache: keep them rotated
+        grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size)
     out = selfextend_attention(
-        query, key, value, q_pos, k_pos, state.inv_freq[layer_type], state.group_size, state.window, scaling,
+        query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling,
         causal=getattr(module, "is_causal", True), key_valid=key_valid, shift=state.shift,
         scale_base=state.scale_base, softcap=kwargs.get("softcap"), block_size=state.block_size,
+        grouped_key=grouped,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -176,6 +246,9 @@ def apply(model: nn.Module, cfg: SelfExtendConfig) -> Applied:
     undo.push(lambda: _STATES.pop(id(config), None))
     model.set_attn_implementation(ATTN_NAME)
     undo.push(lambda: model.set_attn_implementation(state.base_attention))
+    for m in attention_modules:
+        handle = m.register_forward_pre_hook(_cache_layer_pre_hook, with_kwargs=True)
+        undo.push(handle.remove)
     target = int(cfg.target_length) if cfg.target_length else plan.max_length
     undo.setattr(config, "max_position_embeddings", max(target, config.max_position_embeddings or 0))
 

@@ -157,21 +157,29 @@ def resolve_factor(trained_length: int, factor: float | None = None, target_leng
 
 
 def rotation_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` of per-pair ``angles`` laid out for the rotate-half convention (fp32, last dim doubled)."""
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos(), emb.sin()
+    """``(cos, sin)`` of per-pair ``angles`` (fp32, ``[..., rot_dim // 2]``: one entry per rotated pair)."""
+    angles = angles.float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x`` by precomputed tables (see :func:`rotation_tables`)."""
-    rot_dim = cos.shape[-1]
-    half = rot_dim // 2
+    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x`` (rotate-half layout) by precomputed per-pair tables
+    (see :func:`rotation_tables`): ``x1·cos − x2·sin, x2·cos + x1·sin``. fp32 arithmetic, written in place into one
+    output buffer (four fused passes; no rotate-half copy), returned in ``x.dtype``."""
+    half = cos.shape[-1]
+    rot_dim = 2 * half
     r = x[..., :rot_dim].float()
     x1, x2 = r[..., :half], r[..., half:]
-    rotated = (r * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
-    if rot_dim == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
+    shape = torch.broadcast_shapes(r.shape[:-1] + (half,), cos.shape)
+    out = torch.empty(shape[:-1] + (x.shape[-1],), dtype=torch.float32, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:rot_dim]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    if rot_dim < x.shape[-1]:
+        out[..., rot_dim:] = x[..., rot_dim:]
+    return out.to(x.dtype)
 
 
 def rotate_by_angles(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

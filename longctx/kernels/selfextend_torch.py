@@ -20,6 +20,8 @@ __all__ = [
     "selfextend_attention",
     "selfextend_attention_blocked",
     "selfextend_attention_fused",
+    "selfextend_attention_lse",
+    "grouped_keys",
     "selfextend_attention_naive",
     "log_scale",
 ]
@@ -53,11 +55,17 @@ class _KeyTables:
 _KEY_TABLES = _KeyTables()
 
 
-def _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, bidirectional):
+def grouped_keys(key: torch.Tensor, k_pos: torch.Tensor, inv_freq: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Keys (rotated at ``k_pos``) re-rotated to their grouped positions ``k_pos // G``, in ``key.dtype``."""
+    inv_freq = inv_freq.to(device=key.device, dtype=torch.float32)
+    return apply_rotation(key, *_KEY_TABLES.get(k_pos, inv_freq, group_size))
+
+
+def _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, bidirectional, grouped_key=None):
     inv_freq = inv_freq.to(device=query.device, dtype=torch.float32)
     dq = selfextend_query_positions(q_pos, group_size, window, shift) - q_pos.float()
     q_left = rotate_by_angles(query, dq[:, None, :, None] * inv_freq)
-    k_g = apply_rotation(key, *_KEY_TABLES.get(k_pos, inv_freq, group_size))
+    k_g = grouped_key if grouped_key is not None else grouped_keys(key, k_pos, inv_freq, group_size)
     q_right = None
     if bidirectional:  # keys W or more to the right: the mirror image, query at i // G − shift
         dq_right = dq - 2 * selfextend_shift(group_size, window, shift)
@@ -95,18 +103,147 @@ def selfextend_attention(
     scale_base: float | None = None,
     softcap: float | None = None,
     block_size: int | None = None,
+    grouped_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SelfExtend attention, ``[B, Hq, q, Dv]`` in ``query.dtype``: the fused-SDPA path for causal prefill (no
-    softcap, positions contiguous per row), the blocked path otherwise (decoding, bidirectional, softcap, any
-    positions). Both are exact (see the module docstring)."""
-    kwargs = dict(key_valid=key_valid, shift=shift, scale_base=scale_base, block_size=block_size)
+    """SelfExtend attention, ``[B, Hq, q, Dv]`` in ``query.dtype``. All paths are exact (see the module docstring):
+
+    - causal, positions contiguous per row, no padding, no softcap: the log-sum-exp path
+      (:func:`selfextend_attention_lse`) — on CPU for any query length, elsewhere for decoding (q ≤ 16);
+    - causal prefill with padding (or off CPU): the fused-SDPA path (:func:`selfextend_attention_fused`);
+    - anything else (bidirectional, softcap, non-contiguous positions): the blocked path.
+
+    ``grouped_key`` optionally supplies the keys already re-rotated to their grouped positions (see
+    :func:`grouped_keys`; the integration keeps them across decoding steps so cached keys are rotated once).
+    """
+    kwargs = dict(shift=shift, scale_base=scale_base, block_size=block_size, grouped_key=grouped_key)
     contiguous = causal and _contiguous(k_pos, key_valid)
-    small_q = query.shape[2] <= 16  # decoding: the blocked path's restricted key ranges beat building 2D keys
-    if contiguous and not softcap and not small_q and value.shape[-1] == query.shape[-1]:
-        return selfextend_attention_fused(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
-                                          **kwargs)
+    small_q = query.shape[2] <= 16
+    same_dims = value.shape[-1] == query.shape[-1]
+    if contiguous and not softcap and same_dims:
+        unpadded = key_valid is None or bool(key_valid.all())
+        if unpadded and (small_q or _native_lse(query)):
+            return selfextend_attention_lse(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
+                                            **kwargs)
+        if not small_q:
+            return selfextend_attention_fused(query, key, value, q_pos, k_pos, inv_freq, group_size, window,
+                                              scaling, key_valid=key_valid, **kwargs)
     return selfextend_attention_blocked(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
-                                        causal=causal, softcap=softcap, contiguous=contiguous, **kwargs)
+                                        causal=causal, key_valid=key_valid, softcap=softcap, contiguous=contiguous,
+                                        **kwargs)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _native_lse(query: torch.Tensor) -> bool:
+    """An attention op that returns its log-sum-exp is available for this device (CPU: aten's flash kernel)."""
+    return query.device.type == "cpu" and _FLASH_CPU is not None
+
+
+def _attend(q, k, v, mask, scaling):
+    """``softmax(q·kᵀ·scaling + mask)·v`` and its log-sum-exp (fp32) for GQA-folded rows ``q [B, Hkv, rows, D]``.
+
+    On CPU one flash-attention call (no score map); elsewhere explicit fp32 scores (used for short query blocks)."""
+    if _native_lse(q) and q.dtype == k.dtype == v.dtype:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scaling)
+        return out.float(), lse.float()
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = torch.logsumexp(scores, -1)
+    return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v.float(), lse
+
+
+class _MaskCache:
+    """Additive masks of the two masked key ranges of a query block, kept by shape: in a prefill every block past the
+    first W tokens has the same pattern (and every layer the same blocks), so few are ever built."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self.entries: dict = {}
+
+    def get(self, grouped: bool, q0: int, rows: int, width: int, window: int, rep: int, dtype, device):
+        """Mask for query slots ``q0 … q0 + rows − 1`` against key slots ``0 … width − 1`` (relative to the range
+        start): grouped pairs (distance ≥ W) or causal neighbour pairs (0 ≤ distance < W). Returns
+        ``(additive mask [1, 1, rep·rows, width] or None when all pairs are allowed, rows without any allowed key)``."""
+        key = (grouped, q0, rows, width, window, rep, dtype, device)
+        hit = self.entries.pop(key, None)
+        if hit is None:
+            i = torch.arange(q0, q0 + rows, device=device)[:, None]
+            j = torch.arange(width, device=device)[None]
+            ok = (i - j >= window) if grouped else ((i - j < window) & (j <= i))
+            if bool(ok.all()):
+                hit = (None, None)
+            else:
+                mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, float("-inf"))
+                empty = ~ok.any(-1)
+                hit = (mask.repeat(rep, 1)[None, None], empty.repeat(rep) if bool(empty.any()) else None)
+            if len(self.entries) >= self.capacity:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = hit  # most recently used last
+        return hit
+
+
+_MASKS = _MaskCache()
+
+
+def selfextend_attention_lse(
+    query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling, *, shift="int", scale_base=None,
+    block_size=None, grouped_key=None,
+) -> torch.Tensor:
+    """Causal SelfExtend as attention over three key ranges per query block, merged exactly by log-sum-exp.
+
+    For the block's queries (slots ``first … last``): keys ``< first − W + 1`` are grouped for every query (one
+    unmasked call with grouped q/k), keys ``first − W + 1 … last − W`` grouped for some queries (masked call),
+    keys ``first − W + 1 … last`` neighbours for some (masked call with the causal band). Work is vanilla causal
+    attention plus about ``1.5 · block · n`` scores; only grouped keys ``< q − W`` are re-rotated. GQA query heads
+    are folded into rows (K/V never repeated). Needs positions contiguous per row, no padding, no softcap (the
+    dispatcher checks). Merges in fp32.
+    """
+    batch, hq, q_len, dim = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    offset = kv_len - q_len  # slot of query t is offset + t
+    if scale_base is not None and scale_base > 0:
+        query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
+    g_len = max(0, kv_len - window)  # keys that are grouped for some query
+    if g_len > 0:
+        if grouped_key is None:
+            grouped_key = grouped_keys(key[:, :, :g_len], k_pos[:, :g_len], inv_freq, group_size)
+        q_left, _, _ = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, False, grouped_key)
+    if block_size is None:  # measured on CPU (SmolLM2 shapes, 4k-16k tokens): 512 fastest from 8k on
+        block_size = 512
+    out = torch.empty_like(query)
+
+    def rows(x, qs, qe):  # [B, Hq, bq, D] -> [B, Hkv, rep * bq, D]
+        return x[:, :, qs:qe].reshape(batch, hkv, rep * (qe - qs), x.shape[-1])
+
+    for qs in range(0, q_len, block_size):
+        qe = min(q_len, qs + block_size)
+        first, last = offset + qs, offset + qe - 1
+        a = max(0, first - window + 1)  # keys < a: grouped for every query of the block
+        g_end = max(a, last - window + 1)  # keys a … g_end − 1: grouped for some queries
+        parts = []
+        if a > 0:
+            parts.append(_attend(rows(q_left, qs, qe), grouped_key[:, :, :a], value[:, :, :a], None, scaling))
+        for grouped, end in ((True, g_end), (False, last + 1)):
+            if end <= a:
+                continue
+            mask, empty = _MASKS.get(grouped, first - a, qe - qs, end - a, window, rep, query.dtype, query.device)
+            q_rows = rows(q_left if grouped else query, qs, qe)
+            k_range = (grouped_key if grouped else key)[:, :, a:end]
+            o, lse = _attend(q_rows, k_range, value[:, :, a:end], mask, scaling)
+            if empty is not None:  # rows with no allowed key in this range carry no weight
+                lse = lse.masked_fill(empty, float("-inf"))
+            parts.append((o, lse))
+        if len(parts) == 1:
+            merged = parts[0][0]
+        else:
+            lses = torch.stack([lse for _, lse in parts])
+            weights = torch.exp(lses - lses.max(0).values)
+            merged = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
+        out[:, :, qs:qe] = merged.view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
+    return out
 
 
 def _contiguous(k_pos: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
@@ -119,7 +256,7 @@ def _contiguous(k_pos: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
 
 def selfextend_attention_fused(
     query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling, *, key_valid=None, shift="int",
-    scale_base=None, block_size=None,
+    scale_base=None, block_size=None, grouped_key=None,
 ) -> torch.Tensor:
     """Causal SelfExtend as one fused ``scaled_dot_product_attention`` call per query block.
 
@@ -133,7 +270,7 @@ def selfextend_attention_fused(
     hkv, kv_len = key.shape[1], key.shape[2]
     if scale_base is not None and scale_base > 0:
         query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
-    q_left, _, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, False)
+    q_left, _, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, False, grouped_key)
     zeros = torch.zeros_like(key)
     q2 = torch.cat((query, q_left), -1)
     kn2, kg2 = torch.cat((key, zeros), -1), torch.cat((zeros, k_g), -1)
@@ -188,6 +325,7 @@ def selfextend_attention_blocked(
     softcap: float | None = None,
     block_size: int | None = None,
     contiguous: bool = False,
+    grouped_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SelfExtend attention computed in query blocks (any mask, causal or bidirectional, softcap);
     returns ``[B, Hq, q, Dv]`` in ``query.dtype``.
@@ -204,7 +342,8 @@ def selfextend_attention_blocked(
     rep = hq // hkv
     if scale_base is not None and scale_base > 0:
         query = query * log_scale(q_pos, scale_base)[:, None, :, None].to(query.dtype)
-    q_left, q_right, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, not causal)
+    q_left, q_right, k_g = _grouped(query, key, q_pos, k_pos, inv_freq, group_size, window, shift, not causal,
+                                    grouped_key)
 
     def heads(x):  # [B, Hq, q, D] -> [B, Hkv, rep, q, D] fp32
         return x.float().reshape(batch, hkv, rep, q_len, x.shape[-1])

@@ -156,3 +156,55 @@ def test_blocked_restricted_ranges_equal_naive(Q, block):
         blocked = selfextend_attention_blocked(q, k, v, q_pos, k_pos, inv, G, W, 0.3, key_valid=valid,
                                                block_size=block, contiguous=True)
         torch.testing.assert_close(blocked, naive, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("Q", [1, 3, 16, 45])
+@pytest.mark.parametrize("Hq,Hkv,rot", [(4, 2, 8), (4, 4, 4), (8, 1, 8)])
+@pytest.mark.parametrize("block", [None, 4, 7])
+def test_lse_path_equals_naive(native, Q, Hq, Hkv, rot, block, monkeypatch):
+    """The log-sum-exp path (three key ranges per query block) on the flash op (CPU) and on explicit scores."""
+    import longctx.kernels.selfextend_torch as kernels
+
+    if not native:
+        monkeypatch.setattr(kernels, "_FLASH_CPU", None)
+    _, _, v, q, k, q_pos, k_pos, inv, _ = _case(Hq=Hq, Hkv=Hkv, Q=Q, KV=45, rot=rot, seed=Q)
+    for G, W, shift, base in [(4, 8, "int", None), (3, 10, "float", 16), (2, 3, "int", None), (5, 44, "int", None),
+                              (4, 50, "int", None), (1, 4, "int", None)]:
+        naive = selfextend_attention_naive(q, k, v, q_pos, k_pos, inv, G, W, 0.3, shift=shift, scale_base=base)
+        lse = kernels.selfextend_attention_lse(q, k, v, q_pos, k_pos, inv, G, W, 0.3, shift=shift, scale_base=base,
+                                               block_size=block)
+        torch.testing.assert_close(lse, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_takes_the_lse_path_without_padding_and_uses_given_grouped_keys(monkeypatch):
+    import longctx.kernels.selfextend_torch as kernels
+
+    _, _, v, q, k, q_pos, k_pos, inv, _ = _case(Q=1, KV=40)
+    calls = []
+    real = kernels.selfextend_attention_lse
+    monkeypatch.setattr(kernels, "selfextend_attention_lse", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    all_valid = torch.ones(2, 40, dtype=torch.bool)
+    k_g = kernels.grouped_keys(k, k_pos, inv, 4)
+    got = kernels.selfextend_attention(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3, key_valid=all_valid, grouped_key=k_g)
+    assert len(calls) == 1 and calls[0]["grouped_key"] is k_g
+    torch.testing.assert_close(got, selfextend_attention_naive(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3))
+    # a wrong grouped key changes the result: it really is used
+    bad = kernels.selfextend_attention(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3, grouped_key=torch.zeros_like(k_g))
+    assert (bad - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lse_path_low_precision_within_twice_the_sdpa_error(dtype):
+    import longctx.kernels.selfextend_torch as kernels
+
+    _, _, v, q, k, q_pos, k_pos, inv, _ = _case(Q=64, KV=64)
+    ref = kernels.selfextend_attention_lse(q, k, v, q_pos, k_pos, inv, 4, 8, 0.3, block_size=16)
+    ours = kernels.selfextend_attention_lse(q.to(dtype), k.to(dtype), v.to(dtype), q_pos, k_pos, inv, 4, 8, 0.3,
+                                            block_size=16)
+    assert ours.dtype == dtype
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    plain = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), kr.to(dtype), vr.to(dtype), is_causal=True,
+                                                             scale=0.3)
+    plain_ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=0.3)
+    assert (ours.float() - ref).abs().max() <= 2 * (plain.float() - plain_ref).abs().max() + 1e-6

@@ -174,10 +174,49 @@ def test_non_rope_model_error():
 
 
 def test_beam_search_with_cache_equals_recompute():
-    """SelfExtend keeps no state across calls, so the cache reordering of beam search needs nothing from it."""
+    """Beam search reorders the cache every step: the grouped keys kept on the cache layers must notice and
+    recompute (a new key tensor), never reuse another beam's keys."""
     model = build("llama")
     longctx.patch(model, "selfextend", group_size=4, window=16)
     prompt = _ids(TRAINED + 30, seed=5)
     kw = dict(max_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
+def test_decode_rotates_only_the_new_keys(monkeypatch):
+    """The grouped keys live on the cache layer: prefill rotates all keys once, each decoding step only its own."""
+    import longctx.patches.selfextend as se
+
+    model = build("llama")
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    rotated = []
+    real = se.grouped_keys
+    monkeypatch.setattr(se, "grouped_keys", lambda key, *a: rotated.append(key.shape[2]) or real(key, *a))
+    ids = _ids(140)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        pieces = [model(input_ids=ids[:, :130], past_key_values=cache, use_cache=True).logits]
+        for t in range(130, 140):
+            pieces.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    layers = model.config.num_hidden_layers
+    assert rotated == [130] * layers + [1] * (10 * layers)
+    assert getattr(cache.layers[0], se._CACHE_ATTR).length == 140
+    torch.testing.assert_close(torch.cat(pieces, 1), _logits(model, ids), **TOL)
+
+
+def test_cache_edits_recompute_the_grouped_keys():
+    """Cropping the cache (as assisted decoding does) or reordering rows replaces its key tensors: the kept grouped
+    keys are then stale and must be rebuilt, giving the same logits as a fresh computation."""
+    model = build("llama")
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    ids = _ids(150, batch=2, seed=3)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :140], past_key_values=cache, use_cache=True)
+        cache.crop(-20)  # keep the first 120 tokens
+        cropped = model(input_ids=ids[:, 120:125], past_key_values=cache, use_cache=True).logits
+        cache.reorder_cache(torch.tensor([1, 0]))
+        swapped = model(input_ids=ids.flip(0)[:, 125:130], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(cropped, _logits(model, ids[:, :125])[:, 120:], **TOL)
+    torch.testing.assert_close(swapped, _logits(model, ids.flip(0)[:, :130])[:, 125:], **TOL)
