@@ -30,19 +30,19 @@ if variant != "vanilla":
 if variant == "naive":
     import longctx.kernels.selfextend_torch as k
     import longctx.patches.selfextend as p
-    p.selfextend_attention = lambda *a, block_size=None, **kw: k.selfextend_attention_naive(*a, **kw)
+    p.selfextend_attention = lambda *a, block_size=None, grouped_key=None, **kw: k.selfextend_attention_naive(*a, **kw)
 ids = torch.randint(10, 40000, (1, n), generator=torch.Generator().manual_seed(0)).to(model.device)
 sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 if device != "cpu":
     torch.cuda.reset_peak_memory_stats()
 with torch.no_grad():
     sync(); t = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # as generate() prefills
     sync(); prefill = time.perf_counter() - t
     cache, token, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
     for _ in range(steps):
         sync(); t = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         sync(); times.append(time.perf_counter() - t)
         token = out.logits[:, -1:].argmax(-1)
 peak = torch.cuda.max_memory_allocated() if device != "cpu" else None
@@ -65,7 +65,7 @@ def run(variant: str, n: int, steps: int, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,8192,16384")
-    parser.add_argument("--steps", type=int, default=5, help="decode steps timed (median) after the prefill")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps timed (median) after the prefill")
     parser.add_argument("--naive-max", type=int, default=8192)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = parser.parse_args()

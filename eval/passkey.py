@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-__all__ = ["PasskeyTrial", "passkey_prompt", "passkey_trial", "passkey_grid", "parse_answer"]
+from .progress import progress as show
+
+__all__ = ["PasskeyTrial", "passkey_prompt", "passkey_trial", "passkey_grid", "parse_answer", "generate_trial"]
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -62,8 +63,8 @@ def parse_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def passkey_trial(model: Any, tokenizer: Any, length: int, depth: float, key: str) -> PasskeyTrial:
-    prompt = passkey_prompt(tokenizer, length, depth, key)
+def generate_trial(model: Any, tokenizer: Any, prompt: str, length: int, depth: float, key: str) -> PasskeyTrial:
+    """Greedy generation after ``prompt``; the first run of digits is the answer, correct when it equals ``key``."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(key) + 4, do_sample=False,
@@ -71,6 +72,10 @@ def passkey_trial(model: Any, tokenizer: Any, length: int, depth: float, key: st
     )
     answer = parse_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return PasskeyTrial(length, ids.shape[1], depth, key, answer, answer == key)
+
+
+def passkey_trial(model: Any, tokenizer: Any, length: int, depth: float, key: str) -> PasskeyTrial:
+    return generate_trial(model, tokenizer, passkey_prompt(tokenizer, length, depth, key), length, depth, key)
 
 
 def passkey_grid(
@@ -81,13 +86,14 @@ def passkey_grid(
     *,
     digits: int = 5,
     seed: int = 0,
+    trials: int = 1,
     progress: bool = True,
 ) -> list[PasskeyTrial]:
-    """One trial per (length, depth), each with its own seeded random key."""
+    """``trials`` trials per (length, depth), each with its own seeded random key."""
     rng = random.Random(seed)
-    cells = [(n, d) for n in lengths for d in depths]
-    trials = []
-    for n, d in tqdm(cells, desc="passkey", disable=not progress):
+    cells = [(n, d) for n in lengths for d in depths for _ in range(trials)]
+    results = []
+    for n, d in show(cells, desc="passkey", enabled=progress):
         key = str(rng.randrange(10 ** (digits - 1), 10**digits))
-        trials.append(passkey_trial(model, tokenizer, n, d, key))
-    return trials
+        results.append(passkey_trial(model, tokenizer, n, d, key))
+    return results

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from .progress import progress as show
 
 __all__ = ["PerplexityResult", "perplexity", "token_ids"]
 
@@ -65,7 +66,7 @@ def perplexity(
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     past_nll, past_tokens = 0.0, 0
-    for i, start in enumerate(tqdm(starts, desc=desc or f"ppl@{length}", disable=not progress, leave=False)):
+    for i, start in enumerate(show(starts, desc=desc or f"ppl@{length}", enabled=progress)):
         window = ids[start : start + length].to(device)[None]
         logits = model(input_ids=window).logits[0, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none")  # nll[j] scores token j+1
@@ -100,6 +101,7 @@ def ppl_table(
     trained_length: int | None = None,
     max_windows: int | None = None,
     method_params: dict[str, dict[str, Any]] | None = None,
+    stride: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Perplexity for every (method, length): each method is applied with ``target_length`` = the eval length
@@ -125,7 +127,8 @@ def ppl_table(
                 longctx.patch(model, method, **params)
             try:
                 result = perplexity(
-                    model, ids, length, max_windows=max_windows, split_at=trained if length > trained else None,
+                    model, ids, length, stride=stride, max_windows=max_windows,
+                    split_at=trained if length > trained else None,
                     progress=progress, desc=f"{method}@{length}",
                 )
             finally:

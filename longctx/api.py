@@ -63,8 +63,10 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
         already patched model first removes the earlier patch.
     """
     spec = get_method(method)
-    cfg = spec.make_config(**params)
     hf = unwrap(model)
+    if spec.kind != "absolute" and f"{spec.name}_absolute" in registry and describe(hf).position_encoding == "absolute":
+        spec = registry[f"{spec.name}_absolute"]  # e.g. "pi" on BERT: interpolate the learned table
+    cfg = spec.make_config(**params)
     if is_patched(hf):
         unpatch(model)
     applied = spec.apply(hf, cfg)

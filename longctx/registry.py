@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from longctx.patches import dynamic_ntk, ntk, pi, selfextend, yarn
+from longctx.patches import absolute, dynamic_ntk, ntk, pi, selfextend, yarn
 from longctx.patches.base import Applied
 
 __all__ = ["MethodSpec", "registry", "register", "get_method"]
@@ -89,3 +89,17 @@ register(_spec(ntk, ntk.NTKConfig))
 register(_spec(dynamic_ntk, dynamic_ntk.DynamicNTKConfig))
 register(_spec(yarn, yarn.YaRNConfig))
 register(_spec(selfextend, selfextend.SelfExtendConfig, kind="rope_attention", standard=False))
+
+register(MethodSpec(
+    "grouped", "absolute positions grouped: p -> p // ceil(n / L) for an n-token input (LongEmbed); exact for n <= L",
+    absolute.GroupedConfig, absolute.apply_grouped, kind="absolute", standard_config=False,
+))
+register(MethodSpec(
+    "recurrent", "absolute positions recurring: p -> p mod L (LongEmbed); exact for n <= L",
+    absolute.RecurrentConfig, absolute.apply_recurrent, kind="absolute", standard_config=False,
+))
+register(MethodSpec(
+    "pi_absolute", "position interpolation of a learned absolute table (LongEmbed's PI; 'pi' on an absolute-position "
+    "model); learned rows kept as anchors, exact for n <= L",
+    absolute.AbsolutePIConfig, absolute.apply_pi, kind="absolute", standard_config=False,
+))

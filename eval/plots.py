@@ -1,0 +1,94 @@
+"""PNG plots of evaluation results (matplotlib, an optional dependency: ``pip install 'longctx[plot]'``).
+
+- :func:`heatmap`: accuracy per (length, depth), red → green, a line at the trained length;
+- :func:`curves`: a metric versus length, one line per method (perplexity, retrieval accuracy), a line at the
+  trained length.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["heatmap", "curves"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'longctx[plot]' (or pass --no-plots)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(records: Sequence[dict], path: str | Path, *, title: str, trained_length: int | None = None,
+            value: str = "correct") -> Path:
+    """Mean of ``value`` per (length, depth) over ``records`` (dicts with ``length``, ``depth``, ``value``)."""
+    plt = _pyplot()
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        cells[(r["length"], round(float(r["depth"]), 3))].append(float(r[value]))
+    lengths = sorted({k[0] for k in cells})
+    depths = sorted({k[1] for k in cells})
+    grid = [[sum(cells[(n, d)]) / len(cells[(n, d)]) if cells.get((n, d)) else float("nan") for n in lengths]
+            for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("depth")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+    if trained_length is not None:
+        beyond = [j for j, n in enumerate(lengths) if n > trained_length]
+        if beyond and beyond[0] > 0:
+            ax.axvline(beyond[0] - 0.5, color="black", linewidth=2, linestyle="--", label=f"trained {trained_length}")
+            ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def curves(rows: Sequence[dict], path: str | Path, *, metric: str, title: str, trained_length: int | None = None,
+           log_y: bool = False) -> Path:
+    """``metric`` versus ``length``, one line per ``method`` (rows: dicts with method, length, metric)."""
+    plt = _pyplot()
+    by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in rows:
+        if r.get(metric) is not None and r.get("length") is not None:
+            by_method[r["method"]].append((r["length"], float(r[metric])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in by_method.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    if trained_length is not None:
+        ax.axvline(trained_length, color="black", linestyle="--", linewidth=1, label=f"trained {trained_length}")
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

