@@ -116,6 +116,16 @@ def _insert(units: list[str], line: str, depth: float) -> str:
     return " ".join(units[:at] + [line] + units[at:])
 
 
+def _add(task: RetrievalTask, n: int, i: int, text: str, query: str, depth: float, meta: dict) -> None:
+    """Record document ``i`` of length ``n`` and its query (the one document relevant to it)."""
+    doc, qid = f"{task.name}-{n}-doc{i}", f"{task.name}-{n}-q{i}"
+    task.corpus[doc] = text
+    task.queries[qid] = query
+    task.qrels[qid] = {doc: 1.0}
+    task.doc_meta[doc] = {"length": n, "depth": depth, **meta}
+    task.query_meta[qid] = {"length": n, "depth": depth}
+
+
 def _check(lengths: Sequence[int], n_docs: int, depths: Sequence[float]) -> None:
     if not lengths or any(n < 16 for n in lengths):
         raise ValueError(f"lengths must be token counts >= 16, got {list(lengths)}")
@@ -138,22 +148,18 @@ def passkey_task(
     (special tokens excluded); documents are built to at most ``length`` tokens, within one filler unit."""
     _check(lengths, n_docs, depths)
     task = RetrievalTask("passkey", {}, {}, {})
+    unit_tokens = max(1, count(" ".join([PASSKEY_FILLER] * 8)) // 8)
     for n in lengths:
         rng = random.Random(f"{seed}-passkey-{n}")
         for i, name in enumerate(_people(rng, n_docs)):
             key = str(rng.randrange(10 ** (digits - 1), 10**digits))
             line = f"{name}'s passkey is {key}. Remember it. {key} is the passkey for {name}."
             budget = max(0, n - count(line))
-            unit_tokens = max(1, count(" ".join([PASSKEY_FILLER] * 8)) // 8)
             units = [PASSKEY_FILLER] * (budget // unit_tokens + 2)
             units = units[: _fit_units(units, budget, count)]
             depth = float(depths[i % len(depths)])
-            doc, qid = f"passkey-{n}-doc{i}", f"passkey-{n}-q{i}"
-            task.corpus[doc] = _insert(units, line, depth)
-            task.queries[qid] = f"what is the passkey for {name}?"
-            task.qrels[qid] = {doc: 1.0}
-            task.doc_meta[doc] = {"length": n, "depth": depth, "key": key, "name": name}
-            task.query_meta[qid] = {"length": n, "depth": depth}
+            _add(task, n, i, _insert(units, line, depth), f"what is the passkey for {name}?", depth,
+                 {"key": key, "name": name})
     return task
 
 
@@ -180,22 +186,15 @@ def needle_task(
             line = f"{name}'s favourite {category} is {value}."
             budget = max(0, n - count(line))
             span = min(len(words), int(budget * 1.5) + 64)  # more words than the budget can take
-            if len(words) > span:
-                start = rng.randrange(len(words) - span)
-            else:
-                start = 0
+            start = rng.randrange(len(words) - span) if len(words) > span else 0
             units = words[start : start + span]
             fitted = _fit_units(units, budget, count)
             if fitted == len(units) and count(" ".join(units)) < budget * 0.9:
                 raise ValueError(f"the haystack has too few words ({len(words)}) for {n}-token documents")
             units = units[:fitted]
             depth = float(depths[i % len(depths)])
-            doc, qid = f"needle-{n}-doc{i}", f"needle-{n}-q{i}"
-            task.corpus[doc] = _insert(units, line, depth)
-            task.queries[qid] = f"What is {name}'s favourite {category}?"
-            task.qrels[qid] = {doc: 1.0}
-            task.doc_meta[doc] = {"length": n, "depth": depth, "name": name, "fact": line}
-            task.query_meta[qid] = {"length": n, "depth": depth}
+            _add(task, n, i, _insert(units, line, depth), f"What is {name}'s favourite {category}?", depth,
+                 {"name": name, "fact": line})
     return task
 
 

@@ -87,14 +87,14 @@ def interpolate_table(table: torch.Tensor, scale: int, mode: str = "linear") -> 
     return out.to(table.dtype)
 
 
-def _encoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the module whose forward takes ``position_ids``, its embeddings module with a learned position table)."""
+def _encoder(model: nn.Module) -> tuple[Any, nn.Module]:
+    """(the encoder's config, its embeddings module with a learned position table)."""
     candidates = [model] + [m for _, m in model.named_children()]
     for m in candidates:
         emb = getattr(m, "embeddings", None)
         table = getattr(emb, "position_embeddings", None)
         if isinstance(table, nn.Embedding):
-            return m, emb
+            return m.config, emb
     raise ValueError(
         f"{type(model).__name__} has no learned absolute position table (embeddings.position_embeddings); the "
         "absolute-position methods (grouped, recurrent, pi) apply to BERT-style encoders"
@@ -121,14 +121,12 @@ def _lengths(config: Any, table_rows: int, cfg: Any) -> tuple[int, int, int]:
     return offset, L, N
 
 
-def _install(model: nn.Module, cfg: Any, name: str, rows_for: Any, table: torch.Tensor | None,
-             notes: list[str]) -> Applied:
-    encoder, emb = _encoder(model)
-    config = encoder.config
+def _install(model: nn.Module, cfg: Any, name: str, rows_for: Any, interpolate: bool, notes: list[str]) -> Applied:
+    config, emb = _encoder(model)
     offset, L, N = _lengths(config, emb.position_embeddings.num_embeddings, cfg)
     undo = Undo()
     scale = 1
-    if table is not None or name == "pi":
+    if interpolate:
         scale = math.ceil(N / L)
         new = interpolate_table(emb.position_embeddings.weight.data[offset:offset + L], scale, getattr(cfg, "mode", "linear"))
         weight = torch.cat((emb.position_embeddings.weight.data[:offset], new)) if offset else new
@@ -178,18 +176,18 @@ def apply_grouped(model: nn.Module, cfg: GroupedConfig) -> Applied:
     def rows_for(slot, lengths, L, rows):
         return slot // ((lengths + L - 1) // L)
 
-    return _install(model, cfg, "grouped", rows_for, None, [])
+    return _install(model, cfg, "grouped", rows_for, False, [])
 
 
 def apply_recurrent(model: nn.Module, cfg: RecurrentConfig) -> Applied:
     def rows_for(slot, lengths, L, rows):
         return slot % L
 
-    return _install(model, cfg, "recurrent", rows_for, None, [])
+    return _install(model, cfg, "recurrent", rows_for, False, [])
 
 
 def apply_pi(model: nn.Module, cfg: AbsolutePIConfig) -> Applied:
     def rows_for(slot, lengths, L, rows):
         return slot * (rows // lengths).clamp(min=1, max=rows // L)  # inputs <= L: the anchors, exactly
 
-    return _install(model, cfg, "pi", rows_for, torch.empty(0), [f"position table interpolated ({cfg.mode})"])
+    return _install(model, cfg, "pi", rows_for, True, [f"position table interpolated ({cfg.mode})"])
