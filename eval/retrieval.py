@@ -45,7 +45,10 @@ class Embedder:
         """The longest input (tokens, specials included) the model is currently set to read."""
         if self.is_st:
             return int(self.model.max_seq_length)
-        return int(self.model.config.max_position_embeddings)
+        import longctx
+
+        info = longctx.patch_info(self.model)  # grouped/recurrent keep the table (and config) at L
+        return int(info.target_length if info and info.target_length else self.model.config.max_position_embeddings)
 
     def clear(self) -> None:
         """Forget cached embeddings (call after the model changes)."""

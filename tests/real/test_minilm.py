@@ -43,3 +43,24 @@ def test_long_documents_encode_and_short_ones_are_unchanged(minilm, method):
     finally:
         longctx.unpatch(minilm)
     assert minilm.max_seq_length == 512
+
+
+def test_raw_encoder_embedder_reads_to_the_patched_length():
+    """A plain transformers encoder (no sentence-transformers truncation) is read up to the patch's target."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from longctx.eval.retrieval import Embedder
+    from longctx.loading import resolve_model_path
+
+    folder, _ = resolve_model_path("minilm")
+    model, tok = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    embedder = Embedder(model, tok, show_progress=False)
+    assert embedder.max_length == 512
+    longctx.patch(model, "grouped", target_length=2048)
+    assert embedder.max_length == 2048
+    doc = " ".join(["contract"] * 1500)
+    head = " ".join(["contract"] * 500)
+    long_emb, head_emb = embedder.encode([doc, head])
+    assert (long_emb - head_emb).abs().max() > 1e-4  # the tokens past 512 were read
+    longctx.unpatch(model)
+    assert embedder.max_length == 512
