@@ -5,6 +5,8 @@ they finish (a long CPU run can be stopped and still reported) and summarised as
 
     python bench/passkey_smollm2.py --out results/passkey_smollm2.jsonl \\
         --runs selfextend:16384 vanilla:16384 selfextend:12288 vanilla:12288 vanilla:8192 yarn:16384
+    # a second round of fresh keys at other depths, appended to the same file
+    python bench/passkey_smollm2.py --round 1 --depths 0.0,0.2,0.4,0.6,0.8 --runs ...
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["selfextend:16384", "vanilla:16384"],
                         help="METHOD:LENGTH pairs, run in this order")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--round", type=int, default=0,
+                        help="trial round: round K seeds its keys with 1000*length + 100*K + depth index, so a new round "
+                             "adds fresh trials to the same --out file")
     parser.add_argument("--out", type=Path, default=Path("results/passkey_smollm2.jsonl"))
     parser.add_argument("--summary", action="store_true", help="only summarise an existing --out file")
     args = parser.parse_args()
@@ -44,7 +49,7 @@ def main() -> None:
                 info = longctx.patch(model, method, target_length=max(length, trained + 1))
             for i, depth in enumerate(depths):
                 start = time.time()
-                trial = passkey_grid(model, tokenizer, [length], [depth], seed=1000 * length + i, progress=False)[0]
+                trial = passkey_grid(model, tokenizer, [length], [depth], seed=1000 * length + 100 * args.round + i, progress=False)[0]
                 row = {"method": method, "params": info.params if info else {}, **trial.to_dict(),
                        "seconds": round(time.time() - start, 1)}
                 with open(args.out, "a") as f:

@@ -131,9 +131,13 @@ def inspect(model: Any) -> ModelInfo:
 
 
 def _raise_limits(model: Any, hf: nn.Module, tokenizer: Any, target: int) -> list:
-    """Raise the length limits that would otherwise truncate inputs (tokenizer, sentence-transformers)."""
+    """Raise the length limits that would otherwise truncate inputs (the tokenizer given, sentence-transformers'
+    ``max_seq_length`` and its tokenizer's ``model_max_length``)."""
     reverts = []
-    for obj, attr in ((tokenizer, "model_max_length"), (model if model is not hf else None, "max_seq_length")):
+    wrapper = model if model is not hf else None  # sentence-transformers: its length cap and its own tokenizer
+    limits = ((tokenizer, "model_max_length"), (wrapper, "max_seq_length"),
+              (getattr(wrapper, "tokenizer", None), "model_max_length"))
+    for obj, attr in limits:
         if obj is None or not hasattr(obj, attr):
             continue
         old = getattr(obj, attr)

@@ -151,6 +151,15 @@ def trained_length(config: Any) -> int:
     return int(value)
 
 
+_OFFSET_MODELS = ("roberta", "xlm-roberta", "xlm_roberta", "camembert")
+
+
+def position_offset(config: Any) -> int:
+    """Rows of a learned position table before position 0: ``pad_token_id + 1`` for RoBERTa-style models (which
+    count positions from the padding index), else 0."""
+    return (config.pad_token_id + 1) if getattr(config, "model_type", "") in _OFFSET_MODELS else 0
+
+
 def head_dim(config: Any) -> int:
     value = getattr(config, "head_dim", None)
     if value:
@@ -203,6 +212,8 @@ def describe(model: Any) -> ModelInfo:
     encoding = "rope" if rotary else ("absolute" if has_absolute_positions(hf) else "none/unknown")
     try:
         trained = trained_length(text_config)
+        if encoding == "absolute":
+            trained -= position_offset(text_config)
     except ValueError:
         trained = None
     info = ModelInfo(

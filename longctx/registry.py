@@ -77,6 +77,8 @@ _ALIASES = {
     "ntk_aware": "ntk",
     "self_extend": "selfextend",
     "grouped_attention": "selfextend",
+    "chunk": "pcw",
+    "chunking": "pcw",
 }
 
 
@@ -97,6 +99,11 @@ register(MethodSpec(
 register(MethodSpec(
     "recurrent", "absolute positions recurring: p -> p mod L (LongEmbed); exact for n <= L",
     absolute.RecurrentConfig, absolute.apply_recurrent, kind="absolute", standard_config=False,
+))
+register(MethodSpec(
+    "pcw", "chunk-and-average (LongEmbed's parallel context windows): chunks of L - 2 tokens + specials, the last "
+    "overlapping, chunk embeddings averaged; exact for n <= L",
+    absolute.PCWConfig, absolute.apply_pcw, kind="absolute", standard_config=False,
 ))
 register(MethodSpec(
     "pi_absolute", "position interpolation of a learned absolute table (LongEmbed's PI; 'pi' on an absolute-position "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 import longctx
-from longctx.patches.absolute import interpolate_table
+from longctx.patches.absolute import interpolate_table, pcw_chunks
 
 L = 32
 
@@ -28,13 +30,13 @@ def _hidden(model, ids, **kw):
         return model(input_ids=ids, **kw).last_hidden_state
 
 
-@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi"])
+@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi", "pcw"])
 def test_inputs_within_the_table_are_untouched(method):
     model = _bert()
     ids = _ids(L)
     before = _hidden(model, ids)
     info = longctx.patch(model, method, target_length=4 * L)
-    assert info.method == ("pi_absolute" if method == "pi" else method)
+    assert info.method == ("pi_absolute" if method == "pi" else method) and info.target_length == 4 * L
     assert torch.equal(_hidden(model, ids), before)
     assert torch.equal(_hidden(model, ids[:, :10]), _hidden(_bert(), ids[:, :10]))
 
@@ -77,7 +79,7 @@ def test_interpolated_table_keeps_anchors():
     assert torch.equal(lin[-1], table[-1])  # past the last anchor: the last row
 
 
-@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi"])
+@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi", "pcw"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_equal_rows_alone(method, side):
     model = _bert()
@@ -94,7 +96,7 @@ def test_padded_rows_equal_rows_alone(method, side):
         torch.testing.assert_close(batched[b, span], _hidden(model, row)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi"])
+@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi", "pcw"])
 def test_unpatch_restores_everything(method):
     model = _bert()
     emb = model.embeddings
@@ -105,8 +107,64 @@ def test_unpatch_restores_everything(method):
     longctx.unpatch(model)
     assert emb.position_embeddings is table and torch.equal(emb.token_type_ids, types)
     assert model.config.max_position_embeddings == L
-    assert not emb._forward_pre_hooks
+    assert not emb._forward_pre_hooks and "forward" not in model.__dict__
     assert torch.equal(_hidden(model, ids), before)
+
+
+def test_pcw_chunks_follow_longembed():
+    """Body cut every L - 2 tokens, the last chunk being the body's last L - 2 tokens; each wrapped in the specials."""
+    body = torch.arange(10, 80)  # 70 body tokens, L - 2 = 30: [0:30], [30:60], [40:70]
+    chunks = pcw_chunks(torch.cat((torch.tensor([1]), body, torch.tensor([2]))), L)
+    assert [c.tolist() for c in chunks] == [[1, *body[s:e].tolist(), 2] for s, e in ((0, 30), (30, 60), (40, 70))]
+    exact = pcw_chunks(torch.cat((torch.tensor([1]), body[:60], torch.tensor([2]))), L)  # a multiple: no overlap
+    assert [c[1:-1].tolist() for c in exact] == [body[:30].tolist(), body[30:60].tolist()]
+    short = torch.arange(20)
+    assert pcw_chunks(short, L)[0] is short
+
+
+def test_pcw_pools_to_the_chunk_average():
+    model, ref = _bert(), _bert()
+    ids = _ids(100, seed=6)
+    longctx.patch(model, "pcw", target_length=4 * L)
+    out = model(input_ids=ids)
+    chunks = torch.stack(pcw_chunks(ids[0], L))
+    ref_out = ref(input_ids=chunks)
+    # mean pooling -> mean of the chunks' mean-pooled states; first token -> mean of the chunks' first tokens
+    torch.testing.assert_close(out.last_hidden_state[0].mean(0), ref_out.last_hidden_state.mean(1).mean(0))
+    torch.testing.assert_close(out.last_hidden_state[0, 0], ref_out.last_hidden_state[:, 0].mean(0))
+    torch.testing.assert_close(out.pooler_output[0], ref_out.pooler_output.mean(0))
+    with pytest.raises(NotImplementedError, match="pcw"):
+        model(input_ids=ids, output_hidden_states=True)
+
+
+def test_log_scale_scales_queries_by_log_length():
+    """log_scale=True == the query projection multiplied by ln n / ln L, per row (padding excluded)."""
+    n = 3 * L
+    model = _bert()
+    info = longctx.patch(model, "grouped", target_length=4 * L, log_scale=True)
+    assert f"queries scaled by max(1, ln n / ln {L})" in info.notes
+    positions = torch.arange(n)[None] // 3
+
+    def reference(length):
+        ref = _bert()
+        factor = max(1.0, math.log(length) / math.log(L))
+        for layer in ref.encoder.layer:
+            layer.attention.self.query.weight.data *= factor
+            layer.attention.self.query.bias.data *= factor
+        return ref
+
+    ids = _ids(n, seed=7)
+    torch.testing.assert_close(_hidden(model, ids), _hidden(reference(n), ids, position_ids=positions))
+    # a padded batch: each row scaled by its own length
+    padded = torch.cat((ids, torch.cat((ids[:, :50], torch.zeros(1, n - 50, dtype=torch.long)), 1)))
+    mask = (padded != 0).long()
+    out = _hidden(model, padded, attention_mask=mask)
+    torch.testing.assert_close(out[1, :50], _hidden(reference(50), ids[:, :50],
+                                                     position_ids=torch.arange(50)[None] // 2)[0], atol=1e-5, rtol=1e-5)
+    short = ids[:, :L]  # n <= L: factor 1
+    torch.testing.assert_close(_hidden(model, short), _hidden(_bert(), short))
+    longctx.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_errors():
@@ -115,9 +173,54 @@ def test_errors():
         longctx.patch(model, "grouped", target_length=L)
     with pytest.raises(ValueError, match="target_length"):
         longctx.patch(model, "recurrent")
+    with pytest.raises(ValueError, match="chunk_batch_size"):
+        longctx.patch(model, "pcw", target_length=4 * L, chunk_batch_size=0)
+    with pytest.raises(TypeError, match="log_scale"):  # pcw's chunks are never longer than L: no temperature
+        longctx.patch(model, "pcw", target_length=4 * L, log_scale=True)
     with pytest.raises(longctx.models.NotARopeModelError):
         longctx.patch(model, "yarn", target_length=4 * L)
     from conftest import build
 
     with pytest.raises(ValueError, match="no learned absolute position table"):
         longctx.patch(build("llama"), "grouped", target_length=256)
+
+
+def _family(kind):
+    """Tiny RoBERTa / XLM-R (positions offset by padding_idx + 1 = 2) and DistilBERT encoders with L positions."""
+    from transformers import (DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel, XLMRobertaConfig,
+                              XLMRobertaModel)
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "distilbert":
+        return DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                                max_position_embeddings=L)).eval()
+    cls, cfg = (RobertaModel, RobertaConfig) if kind == "roberta" else (XLMRobertaModel, XLMRobertaConfig)
+    return cls(cfg(**common, max_position_embeddings=L + 2, pad_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta", "distilbert"])
+@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi", "pcw"])
+def test_other_encoder_families(kind, method):
+    model = _family(kind)
+    offset = 2 if kind != "distilbert" else 0
+    assert longctx.inspect(model).trained_length == L  # RoBERTa's table has L + 2 rows
+    pad = model.config.pad_token_id
+    ids = _ids(L, batch=2, seed=8)
+    ids[1, 20:] = pad
+    mask = (ids != pad).long()
+    before = _hidden(model, ids, attention_mask=mask)
+    info = longctx.patch(model, method, target_length=4 * L)
+    assert info.trained_length == L
+    assert torch.equal(_hidden(model, ids, attention_mask=mask), before)  # padding included: bit for bit
+    long = _ids(3 * L + 3, seed=9)
+    out = _hidden(model, long)
+    if method == "grouped":
+        ref = _family(kind)
+        positions = offset + torch.arange(long.shape[1])[None] // 4
+        torch.testing.assert_close(out, _hidden(ref, long, position_ids=positions), rtol=0, atol=0)
+    if method == "pi":
+        assert model.config.max_position_embeddings == offset + 4 * L
+    assert out.shape == (1, 3 * L + 3, 32) and torch.isfinite(out).all()
+    longctx.unpatch(model)
+    assert torch.equal(_hidden(model, ids, attention_mask=mask), before)

@@ -24,14 +24,14 @@ def _doc(st, tokens):
     return st.tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi"])
+@pytest.mark.parametrize("method", ["grouped", "recurrent", "pi", "pcw"])
 def test_long_documents_encode_and_short_ones_are_unchanged(minilm, method):
     short = [_doc(minilm, 300), "a short query"]
     minilm.max_seq_length = 512
     before = minilm.encode(short, convert_to_tensor=True)
     longctx.patch(minilm, method, target_length=4096)
     try:
-        assert minilm.max_seq_length == 4096
+        assert minilm.max_seq_length == minilm.tokenizer.model_max_length == 4096
         long_doc = _doc(minilm, 4000)
         a = minilm.encode([long_doc], convert_to_tensor=True)
         b = minilm.encode([long_doc], convert_to_tensor=True)
@@ -43,6 +43,25 @@ def test_long_documents_encode_and_short_ones_are_unchanged(minilm, method):
     finally:
         longctx.unpatch(minilm)
     assert minilm.max_seq_length == 512
+
+
+def test_pi_saves_and_reloads_at_the_extended_length(minilm, tmp_path):
+    """The interpolated table is part of the weights: plain sentence-transformers reloads the model at 4096 (config,
+    tokenizer and max_seq_length agree) and embeds a long document exactly as the patched model does."""
+    from sentence_transformers import SentenceTransformer
+
+    longctx.patch(minilm, "pi", target_length=4096)
+    try:
+        doc = _doc(minilm, 4000)
+        patched = minilm.encode([doc], convert_to_tensor=True)
+        minilm.save(str(tmp_path))
+    finally:
+        longctx.unpatch(minilm)
+    reloaded = SentenceTransformer(str(tmp_path))
+    assert reloaded.max_seq_length == reloaded.tokenizer.model_max_length == 4096
+    assert reloaded[0].auto_model.config.max_position_embeddings == 4096
+    assert torch.equal(reloaded.encode([doc], convert_to_tensor=True), patched)
+    assert minilm[0].auto_model.config.max_position_embeddings == 512
 
 
 def test_raw_encoder_embedder_reads_to_the_patched_length():
