@@ -92,6 +92,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(str(folder), device=device or "cpu")
+        if spec.lower() in _MINILM_NAMES and not st.model_card_data.base_model:  # its name on the Hub (mteb records)
+            st.model_card_data.base_model = "sentence-transformers/all-MiniLM-L6-v2"
         return Loaded("encoder", st.to(dtype).eval(), st.tokenizer, spec)
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 

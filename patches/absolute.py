@@ -42,7 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from longctx.models import position_offset
+from longctx.models import find_rotary_modules, position_offset
 from .base import Applied, Undo
 
 __all__ = ["GroupedConfig", "RecurrentConfig", "AbsolutePIConfig", "PCWConfig", "apply_grouped", "apply_recurrent",
@@ -120,9 +120,12 @@ def _encoder(model: nn.Module) -> tuple[nn.Module, Any, nn.Module]:
         table = getattr(emb, "position_embeddings", None)
         if isinstance(table, nn.Embedding):
             return m, m.config, emb
+    hint = ("it has rotary embeddings: use a RoPE method (pi, ntk, dynamic_ntk, yarn, selfextend)"
+            if find_rotary_modules(model) else "it has neither a position table nor rotary embeddings, so no "
+            "longctx method applies")
     raise ValueError(
         f"{type(model).__name__} has no learned absolute position table (embeddings.position_embeddings); the "
-        "absolute-position methods (grouped, recurrent, pi, pcw) apply to BERT-style encoders"
+        f"absolute-position methods (grouped, recurrent, pi, pcw) apply to BERT-style encoders — {hint}"
     )
 
 

@@ -110,7 +110,7 @@ def apply_rope_method(
         raise NotARopeModelError(
             f"{type(model).__name__} has no rotary position embeddings (no ROPE_INIT_FUNCTIONS-based rotary module), "
             f"so the RoPE method '{method}' cannot apply. For absolute-position encoders (BERT, MiniLM, E5) use the "
-            "absolute-position methods ('pi' on the position table, 'grouped', 'recurrent', 'pcw') once available."
+            "absolute-position methods ('pi' on the position table, 'grouped', 'recurrent', 'pcw')."
         )
     undo = Undo()
     contexts: list[RopeContext] = []

@@ -181,8 +181,17 @@ def test_errors():
         longctx.patch(model, "yarn", target_length=4 * L)
     from conftest import build
 
-    with pytest.raises(ValueError, match="no learned absolute position table"):
+    with pytest.raises(ValueError, match="no learned absolute position table.*use a RoPE method"):
         longctx.patch(build("llama"), "grouped", target_length=256)
+    from transformers import T5Config, T5EncoderModel  # relative attention bias: no table, no rotary
+
+    t5 = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    for method in ("grouped", "pcw"):
+        with pytest.raises(ValueError, match="neither a position table nor rotary embeddings"):
+            longctx.patch(t5, method, target_length=1024)
+    with pytest.raises(longctx.models.NotARopeModelError, match="absolute-position methods"):
+        longctx.patch(t5, "yarn", target_length=1024)
+    assert not longctx.is_patched(t5)
 
 
 def _family(kind):
