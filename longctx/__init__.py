@@ -5,7 +5,7 @@
 >>> longctx.unpatch(model)   # original outputs, bit for bit
 """
 
-from .api import PatchInfo, inspect, is_patched, methods, patch, patch_info, unpatch
+from .api import PatchInfo, inspect, is_patched, load, methods, patch, patch_info, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "methods", "inspect", "is_patched", "patch_info", "PatchInfo", "__version__"]
+__all__ = ["patch", "unpatch", "load", "methods", "inspect", "is_patched", "patch_info", "PatchInfo", "__version__"]

@@ -11,10 +11,11 @@ from torch import nn
 from .models import ModelInfo, describe, unwrap
 from .registry import get_method, registry
 
-__all__ = ["PatchInfo", "patch", "unpatch", "methods", "inspect", "is_patched", "patch_info"]
+__all__ = ["PatchInfo", "patch", "unpatch", "methods", "inspect", "is_patched", "patch_info", "load", "CONFIG_KEY"]
 
 logger = logging.getLogger("longctx")
 _STATE_ATTR = "_longctx_state"
+CONFIG_KEY = "longctx"  # config.json block of a saved model whose method no standard config expresses
 
 
 @dataclass
@@ -73,6 +74,8 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
     reverts = [applied.revert]
     if applied.target_length:
         reverts += _raise_limits(model, hf, tokenizer, applied.target_length)
+    if not spec.standard_config:
+        reverts.append(_record(hf, spec, applied))
     info = PatchInfo(
         method=spec.name,
         params=applied.params,
@@ -85,6 +88,44 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
     setattr(hf, _STATE_ATTR, _State(info=info, reverts=reverts))
     logger.info(str(info))
     return info
+
+
+def _record(hf: nn.Module, spec: Any, applied: Any) -> Any:
+    """Write ``config.longctx = {"method", "params"}`` (saved with the config) so that :func:`load` can re-apply a
+    method no standard config expresses; returns its revert."""
+    fields = {name for name, _, _ in spec.parameters()}
+    resolved = {**applied.params, "trained_length": applied.trained_length, "target_length": applied.target_length}
+    params = applied.reload if applied.reload is not None else {k: v for k, v in resolved.items() if k in fields}
+    config = hf.config
+    had, old = hasattr(config, CONFIG_KEY), getattr(config, CONFIG_KEY, None)
+    setattr(config, CONFIG_KEY, {"method": spec.name, "params": params})
+
+    def revert() -> None:
+        if had:
+            setattr(config, CONFIG_KEY, old)
+        else:
+            delattr(config, CONFIG_KEY)
+
+    return revert
+
+
+def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> Any:
+    """Load a model directory saved from a patched model (``st.save`` / ``save_pretrained``), with its extension
+    active again: methods a standard config expresses come back by themselves; the others (``grouped``,
+    ``recurrent``, ``pcw``, ``selfextend``, absolute ``pi``'s row mapping) are re-applied from the ``longctx`` block
+    of config.json. Returns the model (a sentence-transformers model for a sentence-transformers directory); a plain
+    directory loads as it is."""
+    import torch
+
+    from .loading import load_model
+
+    loaded = load_model(str(path), dtype=dtype or torch.float32, device=device)
+    hf = unwrap(loaded.model)
+    block = getattr(hf.config, CONFIG_KEY, None)
+    if block:
+        delattr(hf.config, CONFIG_KEY)
+        patch(loaded.model, block["method"], tokenizer=loaded.tokenizer, **block["params"])
+    return loaded.model
 
 
 def unpatch(model: Any) -> bool:

@@ -71,9 +71,11 @@ class RecurrentConfig(_AbsoluteConfig):
 @dataclass
 class AbsolutePIConfig(_AbsoluteConfig):
     """Position interpolation of the learned table; ``mode``: ``"linear"`` or ``"cubic"`` (``log_scale`` as for
-    grouped)."""
+    grouped). ``table_interpolated=True``: the table already holds the ``s·L`` interpolated rows (a saved patched
+    model being re-loaded by ``longctx.load``), only the row mapping is installed."""
 
     mode: str = "linear"
+    table_interpolated: bool = False
 
 
 @dataclass
@@ -155,9 +157,12 @@ def _install(model: nn.Module, cfg: Any, name: str, rows_for: Any, interpolate: 
     if cfg.log_scale:
         _install_log_scale(model, config, L, undo)
         notes = notes + [f"queries scaled by max(1, ln n / ln {L})"]
-    scale = 1
-    if interpolate:
-        scale = math.ceil(N / L)
+    scale = math.ceil(N / L) if interpolate else 1
+    if getattr(cfg, "table_interpolated", False):
+        if emb.position_embeddings.num_embeddings != offset + scale * L:
+            raise ValueError(f"table_interpolated=True but the table has {emb.position_embeddings.num_embeddings} rows, "
+                             f"not {offset + scale * L} (= ceil(target / trained) x trained + offset)")
+    elif interpolate:
         new = interpolate_table(emb.position_embeddings.weight.data[offset:offset + L], scale, getattr(cfg, "mode", "linear"))
         weight = torch.cat((emb.position_embeddings.weight.data[:offset], new)) if offset else new
         new_table = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
@@ -204,9 +209,13 @@ def _install(model: nn.Module, cfg: Any, name: str, rows_for: Any, interpolate: 
         if old.shape[-1] < rows + offset:
             emb.register_buffer(b, torch.zeros(1, rows + offset, dtype=old.dtype, device=old.device), persistent=False)
             undo.push(lambda b=b, old=old: emb.register_buffer(b, old, persistent=False))
+    params = {"trained_length": L, "target_length": N, **({"scale": scale} if interpolate else {})}
+    extra = {"log_scale": True} if cfg.log_scale else {}
+    if interpolate:
+        extra.update(mode=cfg.mode, table_interpolated=True)
     return Applied(
-        method=name, params={"trained_length": L, "target_length": N, **({"scale": scale} if name == "pi" else {})},
-        trained_length=L, target_length=N, factor=N / L, layer_types=None, revert=undo, notes=notes,
+        method=name, params={**params, **{k: v for k, v in extra.items() if k != "table_interpolated"}}, trained_length=L, target_length=N, factor=N / L, layer_types=None,
+        revert=undo, notes=notes, reload={"trained_length": L, "target_length": N, **extra},
     )
 
 

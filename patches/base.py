@@ -21,6 +21,7 @@ class Applied:
     layer_types: list[str] | None
     revert: Callable[[], None]
     notes: list[str] = field(default_factory=list)
+    reload: dict[str, Any] | None = None  # parameters that re-apply the method to a saved copy (default: params)
 
 
 class Undo:

@@ -64,6 +64,25 @@ def test_pi_saves_and_reloads_at_the_extended_length(minilm, tmp_path):
     assert minilm[0].auto_model.config.max_position_embeddings == 512
 
 
+@pytest.mark.parametrize("method, params", [("grouped", {}), ("recurrent", {"log_scale": True}), ("pcw", {}),
+                                            ("pi", {"mode": "cubic"})])
+def test_longctx_load_restores_the_extension(minilm, tmp_path, method, params):
+    """Saved while patched, re-loaded with ``longctx.load``: same method and parameters, same embeddings at every
+    length (plain sentence-transformers would cap grouped / recurrent / pcw back to 512)."""
+    texts = [_doc(minilm, 3000), _doc(minilm, 700), "a short query"]
+    info = longctx.patch(minilm, method, target_length=4096, **params)
+    try:
+        expected = minilm.encode(texts, convert_to_tensor=True)
+        minilm.save(str(tmp_path))
+    finally:
+        longctx.unpatch(minilm)
+    assert not hasattr(minilm[0].auto_model.config, longctx.api.CONFIG_KEY)  # unpatch removes the record too
+    reloaded = longctx.load(tmp_path)
+    assert longctx.patch_info(reloaded) == info
+    assert reloaded.max_seq_length == reloaded.tokenizer.model_max_length == 4096
+    assert torch.equal(reloaded.encode(texts, convert_to_tensor=True), expected)
+
+
 def test_raw_encoder_embedder_reads_to_the_patched_length():
     """A plain transformers encoder (no sentence-transformers truncation) is read up to the patch's target."""
     from transformers import AutoModel, AutoTokenizer
