@@ -54,7 +54,10 @@ FAMILIES = {
         },
         "AutoModelForMaskedLM",
     ),
+    "gte": ({"pad_token_id": 0}, "AutoModelForMaskedLM"),  # RoPE encoders as transformers implements them
+    "nomic_bert": ({"pad_token_id": 0}, "AutoModelForMaskedLM"),
 }
+ENCODERS = ("modernbert", "gte", "nomic_bert")
 
 
 def family_config(model_type: str, rope_parameters=None, **extra):
@@ -64,7 +67,7 @@ def family_config(model_type: str, rope_parameters=None, **extra):
     kwargs = {**_COMMON, **overrides, **extra}
     if model_type == "gpt_neox":
         kwargs.pop("num_key_value_heads")
-    if model_type == "modernbert":
+    if model_type in ENCODERS:
         kwargs.pop("num_key_value_heads")
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("sliding_window",)}
     config = AutoConfig.for_model(model_type, **kwargs)

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, SHARED, TRAINED, build
+from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build
 from transformers import DynamicCache
 
 import longctx
 from longctx.models import NotARopeModelError
 
 FIXTURE = SHARED / "fixtures" / "selfextend_official"
-DECODERS = sorted(k for k in FAMILIES if k != "modernbert")
+DECODERS = sorted(k for k in FAMILIES if k not in ENCODERS)
 # our fp32 attention vs sdpa's kernels on these deliberately large-logit tiny models: ~1e-5 apart by rounding alone
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -77,7 +77,7 @@ def test_left_padded_batch_equals_rows_alone(model_type):
     lengths = [150, 97]
     n = max(lengths)
     rows = [_ids(k, seed=k) for k in lengths]
-    causal = model_type != "modernbert"
+    causal = model_type not in ENCODERS
     ids = torch.zeros(2, n, dtype=torch.long)
     mask = torch.zeros(2, n, dtype=torch.long)
     for b, (row, k) in enumerate(zip(rows, lengths)):
