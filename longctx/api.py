@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .models import ModelInfo, describe, unwrap
+from .patches.base import Undo
 from .registry import get_method, registry
 
 __all__ = ["PatchInfo", "patch", "unpatch", "methods", "inspect", "is_patched", "patch_info", "load", "CONFIG_KEY"]
@@ -96,17 +97,9 @@ def _record(hf: nn.Module, spec: Any, applied: Any) -> Any:
     fields = {name for name, _, _ in spec.parameters()}
     resolved = {**applied.params, "trained_length": applied.trained_length, "target_length": applied.target_length}
     params = applied.reload if applied.reload is not None else {k: v for k, v in resolved.items() if k in fields}
-    config = hf.config
-    had, old = hasattr(config, CONFIG_KEY), getattr(config, CONFIG_KEY, None)
-    setattr(config, CONFIG_KEY, {"method": spec.name, "params": params})
-
-    def revert() -> None:
-        if had:
-            setattr(config, CONFIG_KEY, old)
-        else:
-            delattr(config, CONFIG_KEY)
-
-    return revert
+    undo = Undo()
+    undo.setattr(hf.config, CONFIG_KEY, {"method": spec.name, "params": params})
+    return undo
 
 
 def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> Any:
@@ -115,17 +108,29 @@ def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> An
     ``recurrent``, ``pcw``, ``selfextend``, absolute ``pi``'s row mapping) are re-applied from the ``longctx`` block
     of config.json. Returns the model (a sentence-transformers model for a sentence-transformers directory); a plain
     directory loads as it is."""
+    from pathlib import Path
+
     import torch
+    import transformers
 
-    from .loading import load_model
+    folder = Path(path)
+    if (folder / "modules.json").exists():
+        from sentence_transformers import SentenceTransformer
 
-    loaded = load_model(str(path), dtype=dtype or torch.float32, device=device)
-    hf = unwrap(loaded.model)
+        model = SentenceTransformer(str(folder), device=device or "cpu")
+    else:  # the class it was saved from (LlamaForCausalLM, BertModel …); no tokenizer needed
+        config = transformers.AutoConfig.from_pretrained(folder)
+        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+        model = getattr(transformers, arch, transformers.AutoModel).from_pretrained(folder)
+    model = model.to(dtype or torch.float32).eval()
+    if device:
+        model = model.to(device)
+    hf = unwrap(model)
     block = getattr(hf.config, CONFIG_KEY, None)
     if block:
         delattr(hf.config, CONFIG_KEY)
-        patch(loaded.model, block["method"], tokenizer=loaded.tokenizer, **block["params"])
-    return loaded.model
+        patch(model, block["method"], **block["params"])
+    return model
 
 
 def unpatch(model: Any) -> bool:
