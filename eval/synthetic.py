@@ -13,7 +13,9 @@ excluded, to within one filler unit):
   ("What is <Name>'s favourite instrument?").
 
 Documents of one length are the candidates for that length's queries (metric: nDCG@1 = top-1 accuracy).
-Depths cycle over ``depths`` (default 0, 0.25, 0.5, 0.75, 1) so every depth has the same number of documents.
+Depths cycle over ``depths`` (default 0, 0.25, 0.5, 0.75, 1) so every depth has the same number of documents, or
+are drawn uniformly per document with ``depths="random"`` (LongEmbed's placement); ``distractors`` adds candidate
+documents that no query asks for (LongEmbed: 50 queries against 100 candidates per length).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ __all__ = [
     "load_task",
     "default_haystack",
     "DEFAULT_DEPTHS",
+    "RANDOM",
 ]
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+RANDOM = "random"  # depths drawn uniformly per document (LongEmbed's placement)
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 _FIRST = (
@@ -116,23 +120,33 @@ def _insert(units: list[str], line: str, depth: float) -> str:
     return " ".join(units[:at] + [line] + units[at:])
 
 
-def _add(task: RetrievalTask, n: int, i: int, text: str, query: str, depth: float, meta: dict) -> None:
-    """Record document ``i`` of length ``n`` and its query (the one document relevant to it)."""
+def _add(task: RetrievalTask, n: int, i: int, text: str, query: str | None, depth: float, meta: dict) -> None:
+    """Record document ``i`` of length ``n`` and its query (the one document relevant to it); a distractor
+    (``query=None``) is a candidate that no query asks for."""
     doc, qid = f"{task.name}-{n}-doc{i}", f"{task.name}-{n}-q{i}"
     task.corpus[doc] = text
-    task.queries[qid] = query
-    task.qrels[qid] = {doc: 1.0}
     task.doc_meta[doc] = {"length": n, "depth": depth, **meta}
-    task.query_meta[qid] = {"length": n, "depth": depth}
+    if query is not None:
+        task.queries[qid] = query
+        task.qrels[qid] = {doc: 1.0}
+        task.query_meta[qid] = {"length": n, "depth": depth}
 
 
-def _check(lengths: Sequence[int], n_docs: int, depths: Sequence[float]) -> None:
+def _check(lengths: Sequence[int], n_docs: int, depths: Sequence[float] | str, distractors: int) -> None:
     if not lengths or any(n < 16 for n in lengths):
         raise ValueError(f"lengths must be token counts >= 16, got {list(lengths)}")
-    if n_docs < 2:
-        raise ValueError(f"need at least 2 documents per length (candidates), got {n_docs}")
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"depths must be in [0, 1], got {list(depths)}")
+    if n_docs + distractors < 2 or n_docs < 1:
+        raise ValueError(f"need at least 2 documents per length (candidates), got {n_docs} + {distractors} distractors")
+    if distractors < 0:
+        raise ValueError(f"distractors must be >= 0, got {distractors}")
+    if depths == RANDOM:
+        return
+    if isinstance(depths, str) or not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be values in [0, 1] or {RANDOM!r}, got {depths!r}")
+
+
+def _depth(depths: Sequence[float] | str, i: int, rng: random.Random) -> float:
+    return rng.random() if depths == RANDOM else float(depths[i % len(depths)])
 
 
 def passkey_task(
@@ -140,26 +154,29 @@ def passkey_task(
     lengths: Sequence[int],
     n_docs: int = 50,
     *,
-    depths: Sequence[float] = DEFAULT_DEPTHS,
+    depths: Sequence[float] | str = DEFAULT_DEPTHS,
     seed: int = 0,
     digits: int = 5,
+    distractors: int = 0,
 ) -> RetrievalTask:
     """LongEmbed's personalised passkey retrieval. ``count(text)`` = tokens of ``text`` for the evaluated model
-    (special tokens excluded); documents are built to at most ``length`` tokens, within one filler unit."""
-    _check(lengths, n_docs, depths)
+    (special tokens excluded); documents are built to at most ``length`` tokens, within one filler unit.
+    ``n_docs`` documents have a query each; ``distractors`` more are candidates no query asks for (LongEmbed: 50
+    queries, 100 candidates); ``depths="random"`` draws each document's depth uniformly (seeded)."""
+    _check(lengths, n_docs, depths, distractors)
     task = RetrievalTask("passkey", {}, {}, {})
     unit_tokens = max(1, count(" ".join([PASSKEY_FILLER] * 8)) // 8)
     for n in lengths:
         rng = random.Random(f"{seed}-passkey-{n}")
-        for i, name in enumerate(_people(rng, n_docs)):
+        for i, name in enumerate(_people(rng, n_docs + distractors)):
             key = str(rng.randrange(10 ** (digits - 1), 10**digits))
             line = f"{name}'s passkey is {key}. Remember it. {key} is the passkey for {name}."
             budget = max(0, n - count(line))
             units = [PASSKEY_FILLER] * (budget // unit_tokens + 2)
             units = units[: _fit_units(units, budget, count)]
-            depth = float(depths[i % len(depths)])
-            _add(task, n, i, _insert(units, line, depth), f"what is the passkey for {name}?", depth,
-                 {"key": key, "name": name})
+            depth = _depth(depths, i, rng)
+            query = f"what is the passkey for {name}?" if i < n_docs else None
+            _add(task, n, i, _insert(units, line, depth), query, depth, {"key": key, "name": name})
     return task
 
 
@@ -168,19 +185,21 @@ def needle_task(
     lengths: Sequence[int],
     n_docs: int = 50,
     *,
-    depths: Sequence[float] = DEFAULT_DEPTHS,
+    depths: Sequence[float] | str = DEFAULT_DEPTHS,
     seed: int = 0,
     haystack: str | None = None,
+    distractors: int = 0,
 ) -> RetrievalTask:
     """Needle retrieval: one fact about a person inserted into real prose at a depth; the query asks for it.
-    Each document takes its haystack from its own seeded offset in ``haystack`` (default: the bundled text)."""
-    _check(lengths, n_docs, depths)
+    Each document takes its haystack from its own seeded offset in ``haystack`` (default: the bundled text);
+    ``distractors`` and ``depths`` as for :func:`passkey_task`."""
+    _check(lengths, n_docs, depths, distractors)
     words = (haystack if haystack is not None else default_haystack()).split()
     task = RetrievalTask("needle", {}, {}, {})
     categories = sorted(_FACTS)
     for n in lengths:
         rng = random.Random(f"{seed}-needle-{n}")
-        for i, name in enumerate(_people(rng, n_docs)):
+        for i, name in enumerate(_people(rng, n_docs + distractors)):
             category = categories[i % len(categories)]
             value = rng.choice(_FACTS[category])
             line = f"{name}'s favourite {category} is {value}."
@@ -192,9 +211,9 @@ def needle_task(
             if fitted == len(units) and count(" ".join(units)) < budget * 0.9:
                 raise ValueError(f"the haystack has too few words ({len(words)}) for {n}-token documents")
             units = units[:fitted]
-            depth = float(depths[i % len(depths)])
-            _add(task, n, i, _insert(units, line, depth), f"What is {name}'s favourite {category}?", depth,
-                 {"name": name, "fact": line})
+            depth = _depth(depths, i, rng)
+            query = f"What is {name}'s favourite {category}?" if i < n_docs else None
+            _add(task, n, i, _insert(units, line, depth), query, depth, {"name": name, "fact": line})
     return task
 
 

@@ -258,7 +258,11 @@ def eval_retrieval(
     lengths: Annotated[str, typer.Option(help="Synthetic document lengths in tokens.")] = DEFAULT_RETRIEVAL_LENGTHS,
     docs: Annotated[int, typer.Option(help="Synthetic documents (= queries) per length (LongEmbed: 50 queries "
                                            "against 100 documents).")] = 8,
-    depths: Annotated[str, typer.Option(help="Depths the key/needle cycles through.")] = "0,0.25,0.5,0.75,1",
+    depths: Annotated[str, typer.Option(help="Depths the key/needle cycles through, or 'random' (uniform per "
+                                             "document, LongEmbed's placement).")] = "0,0.25,0.5,0.75,1",
+    candidates: Annotated[int, typer.Option(help="Candidate documents per length (>= --docs; the extra ones are "
+                                                 "distractors no query asks for; LongEmbed: --docs 50 --candidates "
+                                                 "100). 0 = --docs.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic tasks.")] = 0,
     haystack: Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")] = DEFAULT_TEXT,
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 1,
@@ -277,17 +281,19 @@ def eval_retrieval(
     unknown = [t for t in task_names if t not in ("passkey", "needle")]
     if unknown and data is None:
         raise typer.BadParameter(f"unknown synthetic task(s) {unknown}; choose from passkey, needle (or --data DIR)")
+    if candidates and candidates < docs:
+        raise typer.BadParameter(f"--candidates ({candidates}) must be at least --docs ({docs})")
     _run_retrieval(model, data, task_names, method, compare, lengths, docs, depths, seed, haystack, batch_size, out,
-                   plots, threads, param)
+                   plots, threads, param, distractors=max(0, candidates - docs))
 
 
 def _run_retrieval(model, data, task_names, method, compare, lengths, docs, depths, seed, haystack, batch_size, out,
-                   plots, threads, param, loaded=None):
+                   plots, threads, param, loaded=None, distractors=0):
     import torch
 
     import longctx
     from longctx.eval.retrieval import BASELINE, Embedder, retrieval_grid
-    from longctx.eval.synthetic import load_task, needle_task, passkey_task
+    from longctx.eval.synthetic import RANDOM, load_task, needle_task, passkey_task
 
     if threads:
         torch.set_num_threads(threads)
@@ -301,7 +307,7 @@ def _run_retrieval(model, data, task_names, method, compare, lengths, docs, dept
     default = _csv_list(DEFAULT_ABSOLUTE_COMPARE) if info.position_encoding == "absolute" else [BASELINE, *info.methods]
     methods = _method_list(method, compare, default)
     length_list = _csv_list(lengths, int)
-    depth_list = _csv_list(depths, float)
+    depth_list = RANDOM if depths.strip() == RANDOM else _csv_list(depths, float)
     counter = Embedder(loaded.model, loaded.tokenizer, show_progress=False)
     if data is not None:
         try:
@@ -311,8 +317,9 @@ def _run_retrieval(model, data, task_names, method, compare, lengths, docs, dept
     else:
         _check_lengths(loaded, methods, length_list, trained)
         hay = _read_text(haystack) if "needle" in task_names else None
-        builders = {"passkey": lambda: passkey_task(counter.count_tokens, length_list, docs, depths=depth_list, seed=seed),
-                    "needle": lambda: needle_task(counter.count_tokens, length_list, docs, depths=depth_list, seed=seed,
+        common = dict(depths=depth_list, seed=seed, distractors=distractors)
+        builders = {"passkey": lambda: passkey_task(counter.count_tokens, length_list, docs, **common),
+                    "needle": lambda: needle_task(counter.count_tokens, length_list, docs, **common,
                                                   haystack=hay)}
         try:
             task_list = [builders[t]() for t in task_names]
@@ -328,7 +335,8 @@ def _run_retrieval(model, data, task_names, method, compare, lengths, docs, dept
         flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
         _write_results(out, flat, {"task": "retrieval", "model": model, "data": str(data) if data else None,
                                    "tasks": [t.name for t in task_list], "methods": methods, "lengths": length_list,
-                                   "docs_per_length": docs, "depths": depth_list, "seed": seed,
+                                   "docs_per_length": docs, "candidates_per_length": docs + distractors,
+                                   "depths": depth_list, "seed": seed,
                                    "per_query": per_query, "seconds": round(time.time() - start, 1)})
         if _plots_enabled(plots, out) and data is None:
             from longctx.eval.plots import curves, heatmap
@@ -339,6 +347,8 @@ def _run_retrieval(model, data, task_names, method, compare, lengths, docs, dept
                                 title=f"{task.name} retrieval top-1 accuracy — {model}", trained_length=trained)]
                 for m in methods:
                     records = [q for q in per_query if q["task"] == task.name and q["method"] == m]
+                    if depth_list == RANDOM:  # random depths: the heat map bins them to quarters
+                        records = [{**q, "depth": round(q["depth"] * 4) / 4} for q in records]
                     paths.append(heatmap(records, out / f"{task.name}_{m}_heatmap.png", value="top1",
                                          title=f"{task.name} — {m} — {model}", trained_length=trained))
                 console.print("wrote " + ", ".join(str(p) for p in paths))

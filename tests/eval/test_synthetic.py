@@ -91,3 +91,23 @@ def test_load_task_errors_name_the_expected_files(tmp_path):
     _write(tmp_path, [{"doc_id": "d1", "text": "x"}], [{"qid": "q1", "text": "y"}], [{"qid": "q1", "doc_id": "zz"}])
     with pytest.raises(ValueError, match="does not exist"):
         load_task(tmp_path)
+
+
+def test_distractors_and_random_depths():
+    """LongEmbed's shape: queries for some documents, more candidates than queries, depths drawn per document."""
+    from longctx.eval.synthetic import RANDOM, passkey_task
+
+    count = lambda text: len(text.split())  # noqa: E731  (a word-count "tokenizer")
+    task = passkey_task(count, [200], 4, depths=RANDOM, distractors=6, seed=3)
+    assert len(task.corpus) == 10 and len(task.queries) == 4
+    split = task.split(200)
+    assert len(split.corpus) == 10  # the distractors are candidates of the length's queries
+    depths = [m["depth"] for m in task.doc_meta.values()]
+    assert len(set(depths)) == 10 and all(0.0 <= d <= 1.0 for d in depths)
+    assert passkey_task(count, [200], 4, depths=RANDOM, distractors=6, seed=3).corpus == task.corpus
+    queried = {doc for rel in task.qrels.values() for doc in rel}
+    assert queried == {f"passkey-200-doc{i}" for i in range(4)}  # the distractors answer no query
+    with pytest.raises(ValueError, match="depths"):
+        passkey_task(count, [200], 4, depths="sometimes")
+    with pytest.raises(ValueError, match="distractors"):
+        passkey_task(count, [200], 4, distractors=-1)
