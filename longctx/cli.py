@@ -105,6 +105,16 @@ def _read_text(text: str) -> str:
 METHOD_HELP = "One method to evaluate (default: the model as it is — 'vanilla' for decoders, 'truncate' for encoders)."
 COMPARE_HELP = "Comma-separated methods to run in one go into one table and one plot (baseline: vanilla / truncate)."
 PARAM_HELP = "Method parameter METHOD.NAME=VALUE, repeatable (e.g. selfextend.group_size=16)."
+BATCH_HELP = ("Encoder: texts per batch. 1 (default) never pads: padded rows send sdpa down its masked path, about "
+              "25 % slower on CPU; raise it on a GPU.")
+
+# options shared by the eval commands
+PlotsOption = Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")]
+ThreadsOption = Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")]
+ParamOption = Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)]
+BatchOption = Annotated[int, typer.Option(help=BATCH_HELP)]
+HaystackOption = Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")]
+OutOption = Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and PNG plots here.")]
 
 
 def _method_list(method: Optional[str], compare: Optional[str], default: list[str]) -> list[str]:
@@ -180,9 +190,9 @@ def eval_ppl(
     ] = None,
     trained_length: Annotated[Optional[int], typer.Option(help="Override the trained length from the config.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and ppl.png here.")] = None,
-    plots: Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")] = True,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
-    param: Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)] = None,
+    plots: PlotsOption = True,
+    threads: ThreadsOption = 0,
+    param: ParamOption = None,
 ):
     """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length).
 
@@ -239,8 +249,6 @@ def eval_ppl(
 
 DEFAULT_RETRIEVAL_LENGTHS = "256,512,1024,2048,4096"
 DEFAULT_ABSOLUTE_COMPARE = "truncate,grouped,pi,pcw"
-BATCH_HELP = ("Encoder: texts per batch. 1 (default) never pads: padded rows send sdpa down its masked path, about "
-              "25 % slower on CPU; raise it on a GPU.")
 
 
 @eval_app.command("retrieval")
@@ -264,12 +272,12 @@ def eval_retrieval(
                                                  "distractors no query asks for; LongEmbed: --docs 50 --candidates "
                                                  "100). 0 = --docs.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic tasks.")] = 0,
-    haystack: Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")] = DEFAULT_TEXT,
-    batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 1,
-    out: Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and PNG plots here.")] = None,
-    plots: Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")] = True,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
-    param: Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)] = None,
+    haystack: HaystackOption = DEFAULT_TEXT,
+    batch_size: BatchOption = 1,
+    out: OutOption = None,
+    plots: PlotsOption = True,
+    threads: ThreadsOption = 0,
+    param: ParamOption = None,
 ):
     """Retrieval with an embedding model, LongEmbed style: synthetic passkey and needle retrieval per length
     (nDCG@1 = top-1 accuracy among the documents of that length), or a real task from --data (nDCG@10, nDCG@1,
@@ -464,12 +472,12 @@ def _generation_command(kind: str):
         seed: Annotated[int, typer.Option(help="Seed of keys, names and offsets.")] = 0,
         target_length: Annotated[Optional[int], typer.Option(help="Patch to this length (default: the longest "
                                                                   "evaluated length).")] = None,
-        haystack: Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")] = DEFAULT_TEXT,
-        batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 1,
-        out: Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and PNG plots here.")] = None,
-        plots: Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")] = True,
-        threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
-        param: Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)] = None,
+        haystack: HaystackOption = DEFAULT_TEXT,
+        batch_size: BatchOption = 1,
+        out: OutOption = None,
+        plots: PlotsOption = True,
+        threads: ThreadsOption = 0,
+        param: ParamOption = None,
     ):
         _generation_eval(kind, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
                          threads, param, docs, haystack, batch_size)
