@@ -12,8 +12,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from .passkey import PasskeyTrial, generate_trial
-from .progress import progress as show
+from .passkey import PasskeyTrial, generate_trial, run_grid
 from .synthetic import _FIRST, _LAST, default_haystack
 
 __all__ = ["needle_prompt", "needle_grid"]
@@ -62,15 +61,16 @@ def needle_grid(
     digits: int = 7,
     haystack: str | None = None,
     progress: bool = True,
+    **grid: Any,
 ) -> list[PasskeyTrial]:
-    """``trials`` needles per (length, depth); each with its own seeded name, number and haystack offset."""
+    """``trials`` needles per (length, depth); each with its own name, number and haystack offset drawn from
+    ``cell_seed``; ``grid`` passes ``done`` / ``on_result`` to ``run_grid``."""
     haystack = haystack if haystack is not None else default_haystack()
-    rng = random.Random(seed)
-    cells = [(n, d) for n in lengths for d in depths for _ in range(trials)]
-    results = []
-    for n, d in show(cells, desc="needle", enabled=progress):
+
+    def make(n: int, d: float, rng: random.Random) -> PasskeyTrial:
         name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
         key = str(rng.randrange(10 ** (digits - 1), 10**digits))
         prompt = needle_prompt(tokenizer, n, d, name, key, haystack, offset=rng.randrange(1 << 30))
-        results.append(generate_trial(model, tokenizer, prompt, n, d, key))
-    return results
+        return generate_trial(model, tokenizer, prompt, n, d, key)
+
+    return run_grid(make, lengths, depths, trials=trials, seed=seed, desc="needle", progress=progress, **grid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Container, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 
 from .progress import progress as show
 
-__all__ = ["PasskeyTrial", "passkey_prompt", "passkey_trial", "passkey_grid", "parse_answer", "generate_trial"]
+__all__ = ["PasskeyTrial", "passkey_prompt", "passkey_trial", "passkey_grid", "parse_answer", "generate_trial",
+           "cell_seed", "run_grid"]
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -36,6 +38,8 @@ class PasskeyTrial:
     key: str
     answer: str
     correct: bool
+    trial: int = 0  # index of the trial within its (length, depth) cell
+    seed: int = 0  # the cell seed its key (and name, offset) came from: see ``cell_seed``
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,22 +82,58 @@ def passkey_trial(model: Any, tokenizer: Any, length: int, depth: float, key: st
     return generate_trial(model, tokenizer, passkey_prompt(tokenizer, length, depth, key), length, depth, key)
 
 
+def cell_seed(seed: int, length: int, depth_index: int, trial: int) -> int:
+    """The seed of one trial: ``seed + 1000·length + 100·trial + depth_index``.
+
+    Each trial draws from its own generator, so a trial's key does not depend on which other cells run: a grid can
+    be split over several runs, resumed, or extended by more trials (or by ``seed + 100·k`` rounds) without
+    repeating or shifting keys.
+    """
+    return seed + 1000 * length + 100 * trial + depth_index
+
+
+def run_grid(
+    make_trial: Callable[[int, float, random.Random], PasskeyTrial],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    *,
+    trials: int = 1,
+    seed: int = 0,
+    done: Container[tuple[int, float, int]] = (),
+    on_result: Callable[[PasskeyTrial], None] | None = None,
+    desc: str = "trials",
+    progress: bool = True,
+) -> list[PasskeyTrial]:
+    """Run ``make_trial(length, depth, rng)`` for every (length, depth, trial) cell whose ``(length, depth, seed)``
+    is not in ``done``; ``rng`` is seeded by ``cell_seed``. ``on_result`` sees each trial as it finishes (to append
+    it to a file, so that a long run can be stopped and resumed)."""
+    cells = [(n, d, t, cell_seed(seed, n, i, t)) for n in lengths for i, d in enumerate(depths) for t in range(trials)]
+    results = []
+    for n, d, t, s in show([c for c in cells if (c[0], c[1], c[3]) not in done], desc=desc, enabled=progress):
+        trial = make_trial(n, d, random.Random(s))
+        trial.trial, trial.seed = t, s
+        if on_result is not None:
+            on_result(trial)
+        results.append(trial)
+    return results
+
+
 def passkey_grid(
     model: Any,
     tokenizer: Any,
-    lengths: list[int],
-    depths: list[float],
+    lengths: Sequence[int],
+    depths: Sequence[float],
     *,
     digits: int = 5,
     seed: int = 0,
     trials: int = 1,
     progress: bool = True,
+    **grid: Any,
 ) -> list[PasskeyTrial]:
-    """``trials`` trials per (length, depth), each with its own seeded random key."""
-    rng = random.Random(seed)
-    cells = [(n, d) for n in lengths for d in depths for _ in range(trials)]
-    results = []
-    for n, d in show(cells, desc="passkey", enabled=progress):
-        key = str(rng.randrange(10 ** (digits - 1), 10**digits))
-        results.append(passkey_trial(model, tokenizer, n, d, key))
-    return results
+    """``trials`` trials per (length, depth), each with its own key drawn from ``cell_seed``; ``grid`` passes
+    ``done`` / ``on_result`` to ``run_grid``."""
+
+    def make(n: int, d: float, rng: random.Random) -> PasskeyTrial:
+        return passkey_trial(model, tokenizer, n, d, str(rng.randrange(10 ** (digits - 1), 10**digits)))
+
+    return run_grid(make, lengths, depths, trials=trials, seed=seed, desc="passkey", progress=progress, **grid)

@@ -386,8 +386,21 @@ def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool
     console.print(table)
 
 
+def _read_trials(path: Path) -> list[dict]:
+    """The trials an earlier run appended to ``path`` (a JSON line each); a torn last line is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            console.print(f"[yellow]{path}: skipped an unreadable line (a run stopped while writing it)[/]")
+    return rows
+
+
 def _generation_eval(kind: str, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
-                     threads, param, docs, haystack, batch_size):
+                     threads, param, docs, haystack, batch_size, resume=False):
     """passkey / needle: the LongEmbed retrieval variant on an embedding model, the generation variant on a decoder."""
     import torch
 
@@ -395,6 +408,8 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
     from longctx.eval.needle import needle_grid
     from longctx.eval.passkey import passkey_grid
 
+    if resume and out is None:
+        raise typer.BadParameter("--resume continues the trials in OUT/trials.jsonl: give --out")
     _check_out(out)
     loaded = _load(model)
     if loaded.kind == "encoder":
@@ -411,42 +426,43 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
     _check_lengths(loaded, methods, length_list, trained)
     params_by_method = _method_params(param or [])
     hay = _read_text(haystack) if kind == "needle" else None
+    trials_file = out / "trials.jsonl" if out is not None else None
+    rows = [r for r in _read_trials(trials_file) if r.get("task") == kind] if resume else []
+    if trials_file is not None and not resume:
+        trials_file.write_text("")
     console.print(f"[bold]{model}[/]: trained length {trained}; {kind} by generation; lengths {length_list}; "
-                  f"depths {depth_list}; {trials} trial(s) per cell; methods {','.join(methods)}")
-    rows = []
+                  f"depths {depth_list}; {trials} trial(s) per cell; methods {','.join(methods)}"
+                  + (f"; resuming with {len(rows)} trial(s) from {trials_file}" if resume else ""))
     for m in methods:
         longctx.unpatch(hf)
         applied = None
         if m != "vanilla":
             target = target_length or max(max(length_list) + 16, trained + 1)
             applied = longctx.patch(hf, m, target_length=target, **params_by_method.get(m, {}))
+        params = json.dumps(applied.params if applied else {}, sort_keys=True)
+        done = {(r["length"], r["depth"], r["seed"]) for r in rows if r["method"] == m and r["params"] == params}
+
+        def record(trial, m=m, params=params):
+            row = {"task": kind, "method": m, **trial.to_dict(), "params": params}
+            rows.append(row)
+            if trials_file is not None:
+                with open(trials_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        grid = passkey_grid if kind == "passkey" else needle_grid
+        extra = {} if kind == "passkey" else {"haystack": hay}
         try:
-            if kind == "passkey":
-                found = passkey_grid(hf, tokenizer, length_list, depth_list, seed=seed, trials=trials)
-            else:
-                found = needle_grid(hf, tokenizer, length_list, depth_list, seed=seed, trials=trials, haystack=hay)
+            grid(hf, tokenizer, length_list, depth_list, seed=seed, trials=trials, done=done, on_result=record, **extra)
         finally:
             longctx.unpatch(hf)
-        rows += [{"method": m, **t.to_dict(), "params": json.dumps(applied.params if applied else {})} for t in found]
-    table = Table(title=f"{kind} accuracy % by generation — {model}, trained {trained}")
-    table.add_column("method")
-    for n in length_list:
-        table.add_column(str(n), justify="right")
-    summary = []
-    for m in methods:
-        cells = []
-        for n in length_list:
-            hits = [r["correct"] for r in rows if r["method"] == m and r["length"] == n]
-            acc = sum(hits) / len(hits)
-            summary.append({"method": m, "length": n, "accuracy": acc, "trials": len(hits)})
-            cells.append(f"{100 * acc:.0f}")
-        table.add_row(m, *cells)
-    console.print(table)
+    summary = _generation_table(kind, model, trained, rows)
     console.print(f"done in {time.time() - start:.0f} s")
     if out is not None:
-        _write_results(out, rows, {"task": kind, "model": model, "methods": methods, "lengths": length_list,
-                                   "depths": depth_list, "trials": trials, "seed": seed, "summary": summary,
-                                   "seconds": round(time.time() - start, 1)})
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        _write_results(out, rows, {"task": kind, "model": model, "methods": methods,
+                                   "lengths": sorted({r["length"] for r in rows}),
+                                   "depths": sorted({r["depth"] for r in rows}), "trials": trials, "seed": seed,
+                                   "summary": summary, "seconds": round(time.time() - start, 1)})
         if _plots_enabled(plots, out):
             from longctx.eval.plots import curves, heatmap
 
@@ -456,6 +472,34 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
                 paths.append(heatmap([r for r in rows if r["method"] == m], out / f"{kind}_{m}_heatmap.png",
                                      title=f"{kind} — {m} — {model}", trained_length=trained))
             console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _generation_table(kind: str, model: str, trained: int, rows: list[dict]) -> list[dict]:
+    """Print accuracy per method × length over ``rows`` (every trial of this run, and of earlier runs when
+    resuming) and return it as summary rows; a cell that pools trials patched with different parameters says so."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    table = Table(title=f"{kind} accuracy % by generation — {model}, trained {trained}")
+    table.add_column("method")
+    for n in lengths:
+        table.add_column(str(n), justify="right")
+    summary = []
+    for m in methods:
+        cells = []
+        for n in lengths:
+            cell = [r for r in rows if r["method"] == m and r["length"] == n]
+            if not cell:
+                cells.append("")
+                continue
+            if len({r["params"] for r in cell}) > 1:
+                console.print(f"[yellow]{m} at {n}: trials patched with different parameters are pooled "
+                              f"({sorted({r['params'] for r in cell})})[/]")
+            acc = sum(r["correct"] for r in cell) / len(cell)
+            summary.append({"method": m, "length": n, "accuracy": acc, "trials": len(cell)})
+            cells.append(f"{100 * acc:.0f} ({len(cell)})")
+        table.add_row(m, *cells)
+    console.print(table)
+    return summary
 
 
 def _generation_command(kind: str):
@@ -469,7 +513,8 @@ def _generation_command(kind: str):
         depths: Annotated[str, typer.Option(help="Comma-separated depths (0 = start, 1 = end).")] = "0,0.25,0.5,0.75,1",
         trials: Annotated[int, typer.Option(help="Decoder: trials per (length, depth).")] = 1,
         docs: Annotated[int, typer.Option(help="Encoder: documents (= queries) per length.")] = 8,
-        seed: Annotated[int, typer.Option(help="Seed of keys, names and offsets.")] = 0,
+        seed: Annotated[int, typer.Option(help="Seed of keys, names and offsets; trial t at depth index i of "
+                                               "length n draws from seed + 1000·n + 100·t + i.")] = 0,
         target_length: Annotated[Optional[int], typer.Option(help="Patch to this length (default: the longest "
                                                                   "evaluated length).")] = None,
         haystack: HaystackOption = DEFAULT_TEXT,
@@ -478,9 +523,13 @@ def _generation_command(kind: str):
         plots: PlotsOption = True,
         threads: ThreadsOption = 0,
         param: ParamOption = None,
+        resume: Annotated[bool, typer.Option(help="Decoder: keep the trials already in OUT/trials.jsonl (each "
+                                                  "finished trial is appended there), run only the missing ones and "
+                                                  "report them all; runs with other lengths, methods or seeds add "
+                                                  "to the same table.")] = False,
     ):
         _generation_eval(kind, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
-                         threads, param, docs, haystack, batch_size)
+                         threads, param, docs, haystack, batch_size, resume)
 
     command.__doc__ = {
         "passkey": "Passkey retrieval over lengths × depths: by generation on a decoder (the PI/LongLM prompt), "

@@ -91,6 +91,39 @@ def test_decoder_generation_grid(kind, stories_path, tmp_path):
     assert (out / f"{kind}_selfextend_heatmap.png").exists() and (out / f"{kind}_accuracy.png").exists()
 
 
+def test_passkey_resume_runs_only_missing_trials_and_reports_all(stories_path, tmp_path, monkeypatch):
+    import longctx.eval.passkey as passkey
+
+    out = tmp_path / "p"
+    base = ["eval", "passkey", "--model", str(stories_path), "--depths", "0,1", "--out", str(out), "--no-plots"]
+    assert runner.invoke(app, base + ["--lengths", "256"]).exit_code == 0
+    first = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [(r["length"], r["depth"], r["trial"]) for r in first] == [(256, 0.0, 0), (256, 1.0, 0)]
+    with open(out / "trials.jsonl", "a") as f:
+        f.write('{"task": "passkey", "meth')  # a run killed while writing its last line
+
+    calls = []
+    real = passkey.passkey_trial
+    monkeypatch.setattr(passkey, "passkey_trial", lambda *a: calls.append(a[2:4]) or real(*a))
+    result = runner.invoke(app, base + ["--lengths", "256,512", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(512, 0.0), (512, 1.0)]  # the 256-token trials were kept, not rerun
+    assert "skipped an unreadable line" in result.output
+    payload = json.loads((out / "results.json").read_text())
+    assert [(r["length"], r["depth"]) for r in payload["rows"]] == [(256, 0.0), (256, 1.0), (512, 0.0), (512, 1.0)]
+    assert payload["rows"][:2] == first
+    assert {(s["length"], s["trials"]) for s in payload["summary"]} == {(256, 2), (512, 2)}
+
+    # without --resume the file starts over
+    assert runner.invoke(app, base + ["--lengths", "256"]).exit_code == 0
+    assert len((out / "trials.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_needs_out():
+    result = runner.invoke(app, ["eval", "passkey", "--resume"])
+    assert result.exit_code != 0 and "--resume continues the trials" in result.output
+
+
 def test_passkey_on_an_encoder_runs_the_retrieval_variant(tmp_path):
     result = runner.invoke(app, ["eval", "passkey", "--model", "minilm", "--lengths", "128", "--docs", "4",
                                  "--compare", "truncate", "--out", str(tmp_path / "p"), "--no-plots"])

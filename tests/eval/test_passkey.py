@@ -46,3 +46,28 @@ def test_trial_plumbing(tokenizer, stories_path):
     model = AutoModelForCausalLM.from_pretrained(stories_path).eval()
     trial = passkey_trial(model, tokenizer, 400, 0.5, "31415")
     assert trial.key == "31415" and trial.tokens <= 400 and trial.correct == (trial.answer == "31415")
+
+
+def test_cell_seeds_do_not_depend_on_the_rest_of_the_grid():
+    import random
+
+    from longctx.eval.passkey import PasskeyTrial, cell_seed, run_grid
+
+    def make(n, d, rng):
+        key = str(rng.randrange(10**4, 10**5))
+        return PasskeyTrial(n, n, d, key, key, True)
+
+    full = run_grid(make, [100, 200], [0.0, 0.5, 1.0], trials=2, seed=7, progress=False)
+    part = run_grid(make, [200], [0.0, 0.5, 1.0], trials=2, seed=7, progress=False)
+    assert [(t.length, t.depth, t.trial, t.key) for t in full[6:]] == [(t.length, t.depth, t.trial, t.key) for t in part]
+    # the documented formula, and the key drawn from it first
+    t = full[3]  # length 100, depth index 1, trial 1
+    assert t.seed == cell_seed(7, 100, 1, 1) == 7 + 100_000 + 100 + 1
+    assert t.key == str(random.Random(t.seed).randrange(10**4, 10**5))
+    assert len({t.key for t in full}) == len(full)
+
+    seen = []
+    done = {(t.length, t.depth, t.seed) for t in full[:4]}
+    rest = run_grid(make, [100, 200], [0.0, 0.5, 1.0], trials=2, seed=7, done=done, on_result=seen.append,
+                    progress=False)
+    assert rest == seen and [t.key for t in rest] == [t.key for t in full[4:]]
