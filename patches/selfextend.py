@@ -16,6 +16,7 @@ either side use grouped positions.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,9 @@ class SelfExtendConfig:
     """SelfExtend. ``group_size`` G and ``window`` W (neighbour window), or ``target_length`` to solve them;
     ``shift``: ``"int"`` (W − W//G) or ``"float"`` (W − W/G, LongLM's released code); ``scale_base``: multiply
     queries by max(1, ln(i+1)/ln(scale_base)) (LongLM's option; off by default); ``attn_backend``: ``"torch"``,
-    ``"triton"`` or ``"auto"`` (Triton on CUDA when available; the torch path otherwise);
+    ``"triton"`` (the Triton kernel; calls it does not take go to the torch path with a warning) or ``"auto"`` (Triton
+    when the model is on CUDA at patch time and triton is installed, quietly torch for the calls it does not take;
+    torch elsewhere);
     ``block_size``: query rows per block of the torch path (default: ~32M scores per block)."""
 
     group_size: int | None = None
@@ -69,6 +72,11 @@ class _ModelState:
     block_size: int | None
     inv_freq: dict[Any, torch.Tensor] = field(default_factory=dict)  # layer type (None: flat) -> fp32 inv_freq
     base_attention: str = "sdpa"
+    backend: str = "torch"  # "torch", "triton" or "auto" (Triton where it can run, torch elsewhere)
+    fallbacks: set[str] = field(default_factory=set)  # why calls went to the torch path (warned once each)
+    # the Triton kernel's row layout of the last call, kept with the position_ids / mask tensors it came from: every
+    # layer of one forward (one decoding step) passes the same ones, so it is checked (a device sync) once a step
+    layout: tuple | None = None
     # id(attention module) -> (cache layer of this call, whether its keys are the ones last seen), set by a pre-hook
     pending: dict[int, tuple[Any, bool]] = field(default_factory=dict)
 
@@ -181,16 +189,66 @@ def selfextend_attention_forward(module, query, key, value, attention_mask, **kw
     scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or dim**-0.5
     inv_freq = state.inv_freq[layer_type]
     layer, continues = state.pending.pop(id(module), (None, False))
-    grouped = None
-    if layer is not None and getattr(layer, "keys", None) is key:  # keys come from a KV cache: keep them rotated
-        grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size)
-    out = selfextend_attention(
-        query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling,
-        causal=getattr(module, "is_causal", True), key_valid=key_valid, shift=state.shift,
-        scale_base=state.scale_base, softcap=kwargs.get("softcap"), block_size=state.block_size,
-        grouped_key=grouped,
-    )
+    causal = getattr(module, "is_causal", True)
+    softcap = kwargs.get("softcap")
+    out = None
+    if state.backend != "torch":
+        out = _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling, causal, key_valid,
+                                softcap, layer, continues, (kwargs.get("position_ids"), attention_mask))
+    if out is None:
+        grouped = None
+        if layer is not None and getattr(layer, "keys", None) is key:  # keys come from a KV cache: keep them rotated
+            grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size)
+        out = selfextend_attention(
+            query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling,
+            causal=causal, key_valid=key_valid, shift=state.shift, scale_base=state.scale_base, softcap=softcap,
+            block_size=state.block_size, grouped_key=grouped,
+        )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _same(ref, obj) -> bool:
+    """``ref`` (a weak reference or None) still points at ``obj``."""
+    return obj is None if ref is None else ref() is obj
+
+
+def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling, causal, key_valid, softcap,
+                      layer, continues, sources):
+    """The Triton kernel's output, or ``None`` when this call goes to the torch path (the reason is warned once
+    for ``attn_backend="triton"``; ``"auto"`` falls back quietly, as its patch note says)."""
+    from longctx.kernels import selfextend_triton as kernel
+
+    if state.backend == "auto" and query.device.type != "cuda":
+        return None
+    why = kernel.supports(query, key, value, inv_freq, softcap)
+    grouped = None
+    if why is None:
+        q_len = query.shape[2]
+        if q_len > 16 and layer is not None and getattr(layer, "keys", None) is key:
+            # prefill / chunks against a cache: grouped keys kept on the cache layer, extended as it grows
+            grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size)
+        shape = (query.shape[0], q_len, key.shape[2], query.device)
+        last = state.layout
+        if last is not None and last[2] == shape and all(_same(r, x) for r, x in zip(last[:2], sources)):
+            layout = last[3]
+        else:
+            try:
+                layout = kernel._row_layout(q_pos, k_pos, key_valid, q_len, key.shape[2])
+            except kernel.Unsupported as e:
+                layout, why = None, str(e)
+            refs = [weakref.ref(x) if x is not None else None for x in sources]  # weak: a mask can be large
+            state.layout = (*refs, shape, layout, why)
+        why = state.layout[4]
+        if layout is not None:
+            return kernel.selfextend_attention_triton(
+                query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling, causal=causal,
+                key_valid=key_valid, shift=state.shift, scale_base=state.scale_base, grouped_key=grouped,
+                layout=layout,
+            )
+    if state.backend == "triton" and why not in state.fallbacks:
+        state.fallbacks.add(why)
+        warnings.warn(f"SelfExtend: this call runs on the torch path, not Triton: {why}", stacklevel=3)
+    return None
 
 
 def _register() -> None:
@@ -199,20 +257,29 @@ def _register() -> None:
         AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-def _check_backend(backend: str) -> str:
+def _check_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """(backend kept for the calls, the note saying what runs)."""
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton SelfExtend kernel is not part of this release yet; use attn_backend='torch' or 'auto'"
-        )
-    return "torch"
+    if backend == "torch":
+        return "torch", "backend=torch"
+    from longctx.kernels import selfextend_triton as kernel
+
+    if kernel.triton is None:
+        if backend == "triton":
+            raise ImportError("attn_backend='triton' needs the triton package (pip install 'longctx[triton]'); "
+                              "use attn_backend='torch' or 'auto'")
+        return "torch", "backend=torch (auto: triton is not installed)"
+    if backend == "auto" and device.type != "cuda":  # recorded as "torch": the same note as asking for it
+        return "torch", "backend=torch"
+    return backend, (f"backend={backend}: Triton kernel for fp16/bf16/fp32, head dims {kernel.HEAD_DIMS}, full "
+                     "rotary, contiguous positions, one padded side; the torch path for other calls")
 
 
 def apply(model: nn.Module, cfg: SelfExtendConfig) -> Applied:
     if cfg.shift not in ("int", "float"):
         raise ValueError(f"shift must be 'int' or 'float', got {cfg.shift!r}")
-    backend = _check_backend(cfg.attn_backend)
+    backend, backend_note = _check_backend(cfg.attn_backend, next(model.parameters()).device)
     rotaries = find_rotary_modules(model)
     if not rotaries:
         raise NotARopeModelError(
@@ -225,7 +292,7 @@ def apply(model: nn.Module, cfg: SelfExtendConfig) -> Applied:
         raise ValueError(f"target_length={cfg.target_length} is not longer than the trained length {L}")
     plan = solve_selfextend(L, cfg.target_length, cfg.group_size, cfg.window)
     layer_types = extendable_layer_types(config)
-    state = _ModelState(plan.group_size, plan.window, cfg.shift, cfg.scale_base, cfg.block_size)
+    state = _ModelState(plan.group_size, plan.window, cfg.shift, cfg.scale_base, cfg.block_size, backend=backend)
     for r in rotaries:
         for lt in layer_types or [None]:
             name = f"{lt}_inv_freq" if lt is not None else "inv_freq"
@@ -252,7 +319,7 @@ def apply(model: nn.Module, cfg: SelfExtendConfig) -> Applied:
     target = int(cfg.target_length) if cfg.target_length else plan.max_length
     undo.setattr(config, "max_position_embeddings", max(target, config.max_position_embeddings or 0))
 
-    notes = [f"backend={backend}", f"reaches up to {plan.max_length} tokens "
+    notes = [backend_note, f"reaches up to {plan.max_length} tokens "
              f"(largest grouped relative position at the target: {plan.effective_length:.0f} of {L})"]
     if state.base_attention not in ("sdpa", "eager"):
         notes.append(f"attention '{state.base_attention}' replaced by SelfExtend's torch path while patched")

@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on CPU (set before they compile)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LONGCTX_SHARED", REPO.parent / "shared"))
@@ -96,13 +98,17 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow") or os.environ.get("LONGCTX_RUNSLOW") == "1":
-        return
-    # deselected, not skipped: the default run is the representative CI subset, --runslow is the full run
-    slow = [item for item in items if "slow" in item.keywords]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if "slow" not in item.keywords]
+    # deselected, not skipped: the default run is the representative CI subset, --runslow is the full run; the
+    # `gpu` tests (Triton compiled, accelerate GPU/CPU splits) run wherever CUDA is, and are deselected elsewhere
+    drop = set()
+    if not (config.getoption("--runslow") or os.environ.get("LONGCTX_RUNSLOW") == "1"):
+        drop.add("slow")
+    if not torch.cuda.is_available():
+        drop.add("gpu")
+    gone = [item for item in items if drop & set(item.keywords)]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = [item for item in items if not drop & set(item.keywords)]
 
 
 @pytest.fixture(scope="session")

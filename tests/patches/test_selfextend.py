@@ -220,3 +220,58 @@ def test_cache_edits_recompute_the_grouped_keys():
         swapped = model(input_ids=ids.flip(0)[:, 125:130], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(cropped, _logits(model, ids[:, :125])[:, 120:], **TOL)
     torch.testing.assert_close(swapped, _logits(model, ids.flip(0)[:, :130])[:, 125:], **TOL)
+
+
+def _gqa_llama():
+    """A tiny GQA Llama with a head dim the Triton kernel takes (32; the battery's tiny models use 8)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TRAINED,
+                         initializer_range=0.3)
+    return LlamaForCausalLM(config).eval().to(DEVICE)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernel runs in Triton's interpreter
+
+
+def test_triton_backend_generates_what_the_torch_backend_does():
+    pytest.importorskip("triton")
+    import warnings
+
+    model = _gqa_llama()
+    rows = [_ids(100, seed=1), _ids(70, seed=2)]
+    ids = torch.zeros(2, 100, dtype=torch.long)
+    mask = torch.zeros(2, 100, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 100 - row.shape[1]:], mask[b, 100 - row.shape[1]:] = row[0], 1
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = {}
+    for backend in ("torch", "triton"):
+        info = longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend=backend)
+        assert info.params["attn_backend"] == backend and f"backend={backend}" in info.notes[0]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # no call of this model may fall back to the torch path
+            out[backend] = (model.generate(ids, attention_mask=mask, **kw), _logits(model, ids, attention_mask=mask))
+        longctx.unpatch(model)
+    assert torch.equal(out["triton"][0], out["torch"][0])  # left-padded prefill, then q_len = 1 decode with a cache
+    real = mask.bool()[:, :, None].expand_as(out["torch"][1])
+    torch.testing.assert_close(out["triton"][1][real], out["torch"][1][real], **TOL)
+
+
+def test_triton_backend_falls_back_with_a_warning_and_auto_stays_torch_on_cpu():
+    pytest.importorskip("triton")
+    model = build("llama").to(DEVICE)  # head dim 8: not a kernel shape
+    ids = _ids(80).to(DEVICE)
+    longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="triton")
+    with pytest.warns(UserWarning, match="torch path, not Triton: head dim 8"):
+        patched = _logits(model, ids)
+    longctx.unpatch(model)
+    torch_path = longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="torch")
+    torch.testing.assert_close(_logits(model, ids), patched)
+    longctx.unpatch(model)
+    info = longctx.patch(model.cpu(), "selfextend", group_size=4, window=16)  # "auto" is the default
+    assert info.params["attn_backend"] == "torch" and info.notes[0] == "backend=torch"
+    assert torch_path.params["attn_backend"] == "torch"

@@ -1,0 +1,479 @@
+"""SelfExtend attention as one Triton kernel: flash-attention's online softmax over K/V tiles, forward only.
+
+Same contract as :func:`longctx.kernels.selfextend_torch.selfextend_attention` (q/k already rotated at their
+positions, ``inv_freq`` the model's *unscaled* rotary frequencies), for the calls it supports (see :func:`supports`):
+positions contiguous per row (position = slot + a per-row offset), valid keys one contiguous slot range per row
+(left padding for decoders, right padding for encoders), full rotary dim, no softcap, fp16 / bf16 / fp32.
+
+How the work is laid out:
+
+- **Rows are (query, head) pairs of one KV head.** A program takes ``BLOCK_M`` rows of the ``rep = Hq / Hkv`` query
+  heads that share a KV head, query-major, so each K/V tile is loaded once for all of them (GQA / MQA without
+  repeating K/V); a decoding step with q_len = 1 still fills a tile with its ``rep`` heads.
+- **Three kinds of key tiles** per row block of query slots ``[i_lo, i_hi]``: keys at distance ≥ W from every query
+  of the block are *grouped* (grouped query × grouped key), keys within W of every query are *neighbours* (plain q·k),
+  only the band between computes both and picks per pair. The band is about ``BLOCK_M / rep + W mod BLOCK_N`` keys
+  wide, so the work is vanilla flash attention plus one or two extra tiles per row block.
+- **Rotations, in fp32 from inv_freq.** The query tile is rotated to its grouped position once per program (and to
+  the mirror position for bidirectional attention). Grouped keys depend on their own position only: in prefill
+  (compute-bound) they are rotated once per call into one K-sized buffer (or supplied by the caller); in decode
+  (memory-bound) the kernel rotates each loaded key tile itself, which costs no extra memory traffic.
+- **Decode splits the KV length** (flash-decoding): each program takes a chunk of keys and writes a partial output
+  and its log-sum-exp; a second small kernel merges the chunks. Softmax statistics and accumulation are fp32.
+
+With ``group_size = 1`` and a window past the sequence every tile is a neighbour tile: the kernel is then plain
+causal (or bidirectional) flash attention, the fair baseline for its own speed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # triton is optional: the torch path is the fallback (and the reference)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    triton = None
+    tl = None
+
+__all__ = ["available", "supports", "selfextend_attention_triton", "HEAD_DIMS"]
+
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device | str) -> bool:
+    """Triton can run here: a CUDA device, or any device under ``TRITON_INTERPRET=1`` (tests on CPU)."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or interpreted()
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inv_freq: torch.Tensor,
+             softcap: float | None = None) -> str | None:
+    """``None`` when the kernel takes this call, else why not (the caller falls back to the torch path). Position
+    and padding layout are checked by :func:`selfextend_attention_triton` itself (they need the tensors' values)."""
+    if triton is None:
+        return "triton is not installed"
+    if not available(query.device):
+        return f"no Triton on device {query.device.type} (set TRITON_INTERPRET=1 to interpret on CPU)"
+    if query.dtype not in DTYPES or not (query.dtype == key.dtype == value.dtype):
+        return f"dtype {query.dtype} / {key.dtype} / {value.dtype} (supported: fp16, bf16, fp32, all the same)"
+    dim = query.shape[-1]
+    if dim not in HEAD_DIMS or value.shape[-1] not in HEAD_DIMS:
+        return f"head dim {dim} (supported: {HEAD_DIMS})"
+    if inv_freq.numel() * 2 != dim:
+        return f"partial rotary ({inv_freq.numel() * 2} of {dim} dims)"
+    if softcap:
+        return "attention logit softcapping"
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "gradients (the kernel is forward-only)"
+    if query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads"
+    return None
+
+
+class Unsupported(ValueError):
+    """The call's positions or padding do not fit the kernel; the caller falls back to the torch path."""
+
+
+def _row_layout(q_pos, k_pos, key_valid, q_len, kv_len):
+    """Per-row position offset (position = slot + offset) and valid key range ``[lo, hi)``; raises
+    :class:`Unsupported` when positions are not contiguous over the valid keys or the valid keys are not one range."""
+    slots = torch.arange(kv_len, device=k_pos.device)
+    offset = k_pos[:, -1] - (kv_len - 1)
+    if key_valid is None:
+        lo = torch.zeros_like(offset)
+        hi = torch.full_like(offset, kv_len)
+        valid = None
+    else:
+        valid = key_valid.bool()
+        count = valid.sum(-1)
+        lo = torch.where(count > 0, valid.to(torch.int64).argmax(-1), torch.zeros_like(count))
+        hi = lo + count
+        last = (hi - 1).clamp(min=0)
+        offset = k_pos.gather(1, last[:, None])[:, 0] - last  # from the last valid key: padding may hold anything
+    q_ok = q_pos == slots[kv_len - q_len:] + offset[:, None]
+    if valid is None:
+        checks = [q_ok.all(), (k_pos == slots + offset[:, None]).all()]
+    else:  # padded slots may carry any position
+        inside = (slots >= lo[:, None]) & (slots < hi[:, None])
+        checks = [(q_ok | ~valid[:, kv_len - q_len:]).all(), (valid == inside).all(),
+                  ((k_pos == slots + offset[:, None]) | ~valid).all()]
+    if not bool(torch.stack(checks).all()):  # one device sync
+        raise Unsupported("positions are not contiguous per row or the valid keys are not one slot range")
+    return offset.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32)
+
+
+def _shift(group_size: int, window: int, shift: str) -> float:
+    return float(window - window // group_size) if shift == "int" else float(window - window / group_size)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate(x1, x2, angle):
+        """Rotate-half RoPE of a tile split in halves, by ``angle`` (fp32, broadcast over rows)."""
+        c = tl.cos(angle)
+        s = tl.sin(angle)
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
+    def _rotate_fast(x1, x2, angle):
+        """As ``_rotate``, for the per-tile key rotation of decoding: the angle is first reduced to [−π, π] in
+        fp32 (large angles otherwise take sin/cos's slow argument-reduction path), then the hardware's
+        ``sin.approx`` / ``cos.approx`` (absolute error ≈ 1e-6 there, far below fp16 / bf16 rounding)."""
+        a = angle - 6.283185307179586 * tl.floor(angle * 0.15915494309189535 + 0.5)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1)
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
+    def _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, hi,
+               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+               MODE: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr, HALF: tl.constexpr,
+               HALF_P: tl.constexpr, DV_P: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               FP32: tl.constexpr, FAST_TRIG: tl.constexpr):
+        """Online softmax over key tiles ``[lo, hi)``. MODE 0: neighbour scores only; 1: grouped (left) only;
+        2: grouped mirror (right, bidirectional) only; 3: the band — every score kind needed, picked per pair."""
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_h = tl.arange(0, HALF_P)
+        offs_v = tl.arange(0, DV_P)
+        hmask = offs_h < HALF
+        vmask = offs_v < DV
+        for start in range(lo, hi, BLOCK_N):
+            j = start + offs_n
+            jm = j < hi
+            kmask = jm[:, None] & hmask[None, :]
+            if MODE == 0 or MODE == 3:
+                k1 = tl.load(k_ptr + j[:, None] * skn + offs_h[None, :], mask=kmask, other=0.0)
+                k2 = tl.load(k_ptr + j[:, None] * skn + HALF + offs_h[None, :], mask=kmask, other=0.0)
+                if FP32:
+                    s_n = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+                    s_n += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+                else:
+                    s_n = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+            if MODE != 0:
+                if PRE_KG:
+                    g1 = tl.load(g_ptr + j[:, None] * sgn + offs_h[None, :], mask=kmask, other=0.0)
+                    g2 = tl.load(g_ptr + j[:, None] * sgn + HALF + offs_h[None, :], mask=kmask, other=0.0)
+                else:  # rotate the key tile to its grouped positions here: decode is memory-bound
+                    if MODE != 3:
+                        k1 = tl.load(k_ptr + j[:, None] * skn + offs_h[None, :], mask=kmask, other=0.0)
+                        k2 = tl.load(k_ptr + j[:, None] * skn + HALF + offs_h[None, :], mask=kmask, other=0.0)
+                    kp = j + pos_off
+                    dk = (kp // group - kp).to(tl.float32)
+                    if FAST_TRIG:
+                        a1, a2 = _rotate_fast(k1.to(tl.float32), k2.to(tl.float32), dk[:, None] * freq[None, :])
+                    else:
+                        a1, a2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), dk[:, None] * freq[None, :])
+                    g1 = a1.to(k1.dtype)
+                    g2 = a2.to(k1.dtype)
+                if MODE == 1 or MODE == 3:
+                    if FP32:
+                        s_l = tl.dot(ql1, tl.trans(g1), input_precision="ieee")
+                        s_l += tl.dot(ql2, tl.trans(g2), input_precision="ieee")
+                    else:
+                        s_l = tl.dot(ql1, tl.trans(g1)) + tl.dot(ql2, tl.trans(g2))
+                if not CAUSAL:
+                    if MODE == 2 or MODE == 3:
+                        if FP32:
+                            s_r = tl.dot(qr1, tl.trans(g1), input_precision="ieee")
+                            s_r += tl.dot(qr2, tl.trans(g2), input_precision="ieee")
+                        else:
+                            s_r = tl.dot(qr1, tl.trans(g1)) + tl.dot(qr2, tl.trans(g2))
+            dist = i_slot[:, None] - j[None, :]
+            if MODE == 0:
+                s = s_n
+            elif MODE == 1:
+                s = s_l
+            elif MODE == 2:
+                s = s_r
+            else:
+                s = tl.where(dist >= window, s_l, s_n)
+                if not CAUSAL:
+                    s = tl.where(dist <= -window, s_r, s)
+            s = s * row_scale[:, None]
+            ok = jm[None, :]
+            if CAUSAL:
+                ok = ok & (dist >= 0)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + j[:, None] * svn + offs_v[None, :], mask=jm[:, None] & vmask[None, :], other=0.0)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _selfextend_fwd(
+        Q, K, V, KG, FREQ, POS_OFF, KV_LO, KV_HI, OUT, O_WS, LSE_WS,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, sob, soh, som,
+        hkv, q_len, kv_len, chunk, qk_scale, group, window, shift, log_base_inv,
+        REP: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr,
+        LOG_SCALE: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, FAST_TRIG: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        splits = tl.num_programs(2)
+        b = pid_bh // hkv
+        kvh = pid_bh % hkv
+        pos_off = tl.load(POS_OFF + b)
+        kv_lo = tl.load(KV_LO + b)
+        kv_hi = tl.load(KV_HI + b)
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = query t · REP + head within the group
+        row_ok = rows < q_len * REP
+        t = rows // REP
+        head = kvh * REP + rows % REP
+        i_slot = t + (kv_len - q_len)
+        offs_h = tl.arange(0, HALF_P)
+        hmask = offs_h < HALF
+        qmask = row_ok[:, None] & hmask[None, :]
+        q_ptr = Q + b * sqb + head[:, None] * sqh + t[:, None] * sqm + offs_h[None, :]
+        q1 = tl.load(q_ptr, mask=qmask, other=0.0)
+        q2 = tl.load(q_ptr + HALF, mask=qmask, other=0.0)
+        freq = tl.load(FREQ + offs_h, mask=hmask, other=0.0)
+
+        # grouped query positions: p // G + shift (left), p // G − shift (right, bidirectional); rotate by the delta
+        pos = i_slot + pos_off
+        base = (pos // group).to(tl.float32) - pos.to(tl.float32)
+        ql1, ql2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), (base + shift)[:, None] * freq[None, :])
+        ql1 = ql1.to(q1.dtype)
+        ql2 = ql2.to(q1.dtype)
+        qr1 = ql1
+        qr2 = ql2
+        if not CAUSAL:
+            r1, r2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), (base - shift)[:, None] * freq[None, :])
+            qr1 = r1.to(q1.dtype)
+            qr2 = r2.to(q1.dtype)
+        row_scale = tl.zeros((BLOCK_M,), tl.float32) + qk_scale
+        if LOG_SCALE:  # LongLM's max(1, ln(p + 1) / ln(scale_base)) on the query
+            row_scale = row_scale * tl.maximum(tl.log(pos.to(tl.float32) + 1.0) * log_base_inv, 1.0)
+
+        # this program's keys: the split's chunk, the row's valid range, and (causal) up to the last query
+        i_lo = tl.min(tl.where(row_ok, i_slot, kv_len), 0)
+        i_hi = tl.max(tl.where(row_ok, i_slot, 0), 0)
+        lo = tl.maximum(kv_lo, pid_s * chunk)
+        hi = tl.minimum(kv_hi, pid_s * chunk + chunk)
+        if CAUSAL:
+            hi = tl.minimum(hi, i_hi + 1)
+        k_ptr = K + b * skb + kvh * skh
+        v_ptr = V + b * svb + kvh * svh
+        g_ptr = KG + b * sgb + kvh * sgh
+
+        acc = tl.zeros((BLOCK_M, DV_P), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # key ranges by kind: grouped for every row (j ≤ i_lo − W), the band, neighbours for every row
+        g_end = tl.maximum(lo, tl.minimum(hi, i_lo - window + 1))
+        n_start = tl.maximum(g_end, tl.minimum(hi, i_hi - window + 1))
+        if CAUSAL:
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, hi,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+        else:
+            # left: grouped [lo, g_end), band [g_end, n_start), neighbours [n_start, r_start),
+            # right band [r_start, r_end), right grouped [r_end, hi): j ≥ i_hi + W is grouped-right for every row
+            n_end = tl.maximum(n_start, tl.minimum(hi, i_lo + window))
+            r_end = tl.maximum(n_end, tl.minimum(hi, i_hi + window))
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, n_end,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_end, r_end,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, r_end, hi,
+                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                                   2, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+
+        offs_v = tl.arange(0, DV_P)
+        vmask = offs_v < DV
+        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / safe_l[:, None]
+        if SPLIT:  # partial output and its log2-sum-exp, merged by _merge_splits
+            ws = ((b * hkv * REP + head) * q_len + t) * splits + pid_s
+            tl.store(O_WS + ws[:, None] * DV_P + offs_v[None, :], out, mask=row_ok[:, None])
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
+            tl.store(LSE_WS + ws, lse, mask=row_ok)
+        else:
+            o_ptr = OUT + b * sob + head[:, None] * soh + t[:, None] * som + offs_v[None, :]
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & vmask[None, :])
+
+    @triton.jit
+    def _merge_splits(O_WS, LSE_WS, OUT, sob, soh, som, heads, q_len, splits,
+                      S_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr):
+        """One program per (batch, head, query): log-sum-exp merge of the split partials."""
+        pid = tl.program_id(0)
+        t = pid % q_len
+        head = (pid // q_len) % heads
+        b = pid // (q_len * heads)
+        offs_s = tl.arange(0, S_P)
+        offs_v = tl.arange(0, DV_P)
+        smask = offs_s < splits
+        lse = tl.load(LSE_WS + pid * splits + offs_s, mask=smask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m_use)
+        o = tl.load(O_WS + (pid * splits + offs_s)[:, None] * DV_P + offs_v[None, :], mask=smask[:, None], other=0.0)
+        total = tl.sum(w, 0)
+        out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+        tl.store(OUT + b * sob + head * soh + t * som + offs_v, out.to(OUT.dtype.element_ty), mask=offs_v < DV)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tuned() -> bool:
+    """Autotune the tile shapes on first use of a shape class (compiled GPUs only; ``LONGCTX_TRITON_TUNE=0`` takes
+    the first configuration, as the test suite does to keep compile time down)."""
+    return not interpreted() and os.environ.get("LONGCTX_TRITON_TUNE", "1") != "0"
+
+
+# prefill: (BLOCK_M, BLOCK_N, warps, stages), the first is the untuned default; fp32 and head dim 256 take the
+# smaller tiles (register pressure: the query tile is held twice, plain and grouped)
+_PREFILL = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
+_PREFILL_SMALL = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
+# decode: one configuration, no autotuner (its dispatch costs more than a step's kernel at short caches)
+_DECODE = (64, 4, 3)  # (BLOCK_N, warps, stages); BLOCK_M fits the rows
+CHUNK_ALIGN = 128  # split chunks are multiples of every BLOCK_N
+
+
+def _launcher(kind: str, small: bool = False):
+    """``launch(grid, *args, **meta)`` for ``kind`` ("prefill" / "decode"): prefill autotuned over its tile shapes
+    when tuning is on, decode with its one configuration; tiny tiles in the interpreter."""
+    key = (kind, small, _tuned(), interpreted())
+    if key not in _LAUNCHERS:
+        if interpreted():
+            fixed = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1} | ({} if kind == "decode" else {"BLOCK_M": 16})
+        elif kind == "decode":
+            fixed = dict(zip(("BLOCK_N", "num_warps", "num_stages"), _DECODE))
+        else:
+            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                       for m, n, w, st in (_PREFILL_SMALL if small else _PREFILL)]
+            fixed = None
+            if not _tuned():
+                m, n, w, st = (_PREFILL_SMALL if small else _PREFILL)[0]
+                fixed = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+        if fixed is None:
+            tuned = triton.autotune(configs=configs, key=["HALF", "DV", "FP32", "CAUSAL", "REP"])(_selfextend_fwd)
+            _LAUNCHERS[key] = lambda grid, *args, **meta: tuned[grid](*args, **meta)
+        else:
+            _LAUNCHERS[key] = lambda grid, *args, **meta: _selfextend_fwd[grid](*args, **fixed, **meta)
+    return _LAUNCHERS[key]
+
+
+_LAUNCHERS: dict = {}
+
+
+def selfextend_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    group_size: int,
+    window: int,
+    scaling: float,
+    *,
+    causal: bool = True,
+    key_valid: torch.Tensor | None = None,
+    shift: str = "int",
+    scale_base: float | None = None,
+    grouped_key: torch.Tensor | None = None,
+    splits: int | None = None,
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SelfExtend attention with the Triton kernel, ``[B, Hq, q, Dv]`` in ``query.dtype`` (a view of a
+    ``[B, q, Hq, Dv]`` buffer: transposing it back, as attention functions do, costs no copy).
+
+    ``grouped_key`` optionally supplies the keys already rotated to their grouped positions (prefill); decoding
+    (q ≤ 16) rotates keys inside the kernel. ``splits`` sets the number of KV chunks (default: enough programs to
+    fill the GPU when the query is short, else 1). ``layout`` = (position offset, first valid key, end of valid keys)
+    per row skips the layout check (and its device sync) when the caller already knows it. Raises
+    :class:`Unsupported` for positions / padding the kernel does not take; :func:`supports` checks the rest.
+    """
+    why = supports(query, key, value, inv_freq)
+    if why is not None:
+        raise Unsupported(why)
+    batch, hq, q_len, dim = query.shape
+    hkv, kv_len, dv = key.shape[1], key.shape[2], value.shape[-1]
+    rep = hq // hkv
+    offset, lo, hi = layout if layout is not None else _row_layout(q_pos, k_pos, key_valid, q_len, kv_len)
+    decode = q_len <= 16
+    freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    pre_kg = not decode
+    if pre_kg and grouped_key is None and group_size > 1:
+        from .selfextend_torch import grouped_keys
+
+        grouped_key = grouped_keys(key, k_pos, freq, group_size)
+    kg = grouped_key if grouped_key is not None else key
+    rows = rep * q_len
+    decode_m = 16 if interpreted() else max(16, min(64, _next_pow2(rows)))
+    if splits is None:
+        splits = 1
+        if decode and not interpreted():
+            sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+            programs = batch * hkv * triton.cdiv(rows, decode_m)
+            splits = max(1, min(triton.cdiv(kv_len, 256), triton.cdiv(4 * sms, programs)))
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    splits = triton.cdiv(kv_len, chunk)
+    out = torch.empty(batch, q_len, hq, dv, device=query.device, dtype=query.dtype).transpose(1, 2)
+    split = splits > 1
+    dv_p = _next_pow2(max(16, dv))
+    if split:
+        o_ws = torch.empty(batch * hq * q_len * splits, dv_p, device=query.device, dtype=torch.float32)
+        lse_ws = torch.empty(batch * hq * q_len * splits, device=query.device, dtype=torch.float32)
+    else:
+        o_ws = lse_ws = out
+    half = dim // 2
+    log_base_inv = 1.0 / math.log(scale_base) if scale_base else 0.0
+    win = window if group_size > 1 else kv_len + q_len + 1  # G = 1: every pair is a neighbour pair
+    fp32 = query.dtype == torch.float32
+    extra = {"BLOCK_M": decode_m} if decode else {}
+    launch = _launcher("decode" if decode else "prefill", small=fp32 or dim > 128)
+    launch(
+        lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * hkv, splits),
+        query, key, value, kg, freq, offset, lo, hi, out, o_ws, lse_ws,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *kg.stride()[:3], *out.stride()[:3],
+        hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, _shift(group_size, window, shift),
+        log_base_inv,
+        REP=rep, HALF=half, HALF_P=_next_pow2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal, PRE_KG=pre_kg,
+        LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()), **extra,
+    )
+    if split:
+        _merge_splits[(batch * hq * q_len,)](
+            o_ws, lse_ws, out, *out.stride()[:3], hq, q_len, splits,
+            S_P=_next_pow2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4,
+        )
+    return out
