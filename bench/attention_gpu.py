@@ -118,7 +118,7 @@ def decode(caches, dtype=torch.bfloat16, hq=32, hkv=8, dim=128, window=1024, gro
         ref = min(found.values())
         for backend, ms in found.items():
             report("decode", n, name, backend, ms, ref)
-        layout = kernel._row_layout(q_pos, k_pos, None, 1, n)  # what a model computes once per step
+        layout = kernel.row_layout(q_pos, k_pos, None, 1, n)  # what a model computes once per step
         se = lambda G: kernel.selfextend_attention_triton(q, k, v, q_pos, k_pos, inv, G, window, dim**-0.5,  # noqa
                                                          layout=layout)
         report("decode", n, name, "triton G=1 (plain)", bench(lambda: se(1), reps=50), ref)

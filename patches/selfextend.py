@@ -233,7 +233,7 @@ def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling,
             layout = last[3]
         else:
             try:
-                layout = kernel._row_layout(q_pos, k_pos, key_valid, q_len, key.shape[2])
+                layout = kernel.row_layout(q_pos, k_pos, key_valid, q_len, key.shape[2])
             except kernel.Unsupported as e:
                 layout, why = None, str(e)
             refs = [weakref.ref(x) if x is not None else None for x in sources]  # weak: a mask can be large

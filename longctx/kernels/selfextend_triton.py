@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from longctx.core.positions import selfextend_shift
+
 try:  # triton is optional: the torch path is the fallback (and the reference)
     import triton
     import triton.language as tl
@@ -39,7 +41,7 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
     triton = None
     tl = None
 
-__all__ = ["available", "supports", "selfextend_attention_triton", "HEAD_DIMS"]
+__all__ = ["available", "supports", "row_layout", "selfextend_attention_triton", "Unsupported", "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,7 +87,7 @@ class Unsupported(ValueError):
     """The call's positions or padding do not fit the kernel; the caller falls back to the torch path."""
 
 
-def _row_layout(q_pos, k_pos, key_valid, q_len, kv_len):
+def row_layout(q_pos, k_pos, key_valid, q_len, kv_len):
     """Per-row position offset (position = slot + offset) and valid key range ``[lo, hi)``; raises
     :class:`Unsupported` when positions are not contiguous over the valid keys or the valid keys are not one range."""
     slots = torch.arange(kv_len, device=k_pos.device)
@@ -111,10 +113,6 @@ def _row_layout(q_pos, k_pos, key_valid, q_len, kv_len):
     if not bool(torch.stack(checks).all()):  # one device sync
         raise Unsupported("positions are not contiguous per row or the valid keys are not one slot range")
     return offset.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32)
-
-
-def _shift(group_size: int, window: int, shift: str) -> float:
-    return float(window - window // group_size) if shift == "int" else float(window - window / group_size)
 
 
 if triton is not None:
@@ -284,30 +282,22 @@ if triton is not None:
         # key ranges by kind: grouped for every row (j ≤ i_lo − W), the band, neighbours for every row
         g_end = tl.maximum(lo, tl.minimum(hi, i_lo - window + 1))
         n_start = tl.maximum(g_end, tl.minimum(hi, i_hi - window + 1))
-        if CAUSAL:
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end,
-                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
-                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, hi,
-                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-        else:
-            # left: grouped [lo, g_end), band [g_end, n_start), neighbours [n_start, r_start),
-            # right band [r_start, r_end), right grouped [r_end, hi): j ≥ i_hi + W is grouped-right for every row
+        # causal: every key up to hi is behind the queries, so the neighbours run to hi. Bidirectional, right of
+        # the neighbours: the mirror band [n_end, r_end), then keys ≥ i_hi + W, grouped-right for every row
+        n_end = hi
+        if not CAUSAL:
             n_end = tl.maximum(n_start, tl.minimum(hi, i_lo + window))
+        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end,
+                               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                               1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
+                               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                               3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, n_end,
+                               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                               0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+        if not CAUSAL:
             r_end = tl.maximum(n_end, tl.minimum(hi, i_hi + window))
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end,
-                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
-                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, n_end,
-                                   k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
             acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_end, r_end,
                                    k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                                    3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
@@ -347,10 +337,6 @@ if triton is not None:
         total = tl.sum(w, 0)
         out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
         tl.store(OUT + b * sob + head * soh + t * som + offs_v, out.to(OUT.dtype.element_ty), mask=offs_v < DV)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _tuned() -> bool:
@@ -420,16 +406,18 @@ def selfextend_attention_triton(
     ``grouped_key`` optionally supplies the keys already rotated to their grouped positions (prefill); decoding
     (q ≤ 16) rotates keys inside the kernel. ``splits`` sets the number of KV chunks (default: enough programs to
     fill the GPU when the query is short, else 1). ``layout`` = (position offset, first valid key, end of valid keys)
-    per row skips the layout check (and its device sync) when the caller already knows it. Raises
+    per row, from :func:`row_layout`, skips the checks (the layout's device sync and :func:`supports`): a caller
+    passing it has run them. Raises
     :class:`Unsupported` for positions / padding the kernel does not take; :func:`supports` checks the rest.
     """
-    why = supports(query, key, value, inv_freq)
-    if why is not None:
-        raise Unsupported(why)
+    if layout is None:  # a caller passing the layout has run these checks (the model integration does, once)
+        why = supports(query, key, value, inv_freq)
+        if why is not None:
+            raise Unsupported(why)
     batch, hq, q_len, dim = query.shape
     hkv, kv_len, dv = key.shape[1], key.shape[2], value.shape[-1]
     rep = hq // hkv
-    offset, lo, hi = layout if layout is not None else _row_layout(q_pos, k_pos, key_valid, q_len, kv_len)
+    offset, lo, hi = layout if layout is not None else row_layout(q_pos, k_pos, key_valid, q_len, kv_len)
     decode = q_len <= 16
     freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     pre_kg = not decode
@@ -439,7 +427,7 @@ def selfextend_attention_triton(
         grouped_key = grouped_keys(key, k_pos, freq, group_size)
     kg = grouped_key if grouped_key is not None else key
     rows = rep * q_len
-    decode_m = 16 if interpreted() else max(16, min(64, _next_pow2(rows)))
+    decode_m = 16 if interpreted() else max(16, min(64, triton.next_power_of_2(rows)))
     if splits is None:
         splits = 1
         if decode and not interpreted():
@@ -450,7 +438,7 @@ def selfextend_attention_triton(
     splits = triton.cdiv(kv_len, chunk)
     out = torch.empty(batch, q_len, hq, dv, device=query.device, dtype=query.dtype).transpose(1, 2)
     split = splits > 1
-    dv_p = _next_pow2(max(16, dv))
+    dv_p = triton.next_power_of_2(max(16, dv))
     if split:
         o_ws = torch.empty(batch * hq * q_len * splits, dv_p, device=query.device, dtype=torch.float32)
         lse_ws = torch.empty(batch * hq * q_len * splits, device=query.device, dtype=torch.float32)
@@ -466,14 +454,15 @@ def selfextend_attention_triton(
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * hkv, splits),
         query, key, value, kg, freq, offset, lo, hi, out, o_ws, lse_ws,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *kg.stride()[:3], *out.stride()[:3],
-        hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, _shift(group_size, window, shift),
+        hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, selfextend_shift(group_size, window, shift),
         log_base_inv,
-        REP=rep, HALF=half, HALF_P=_next_pow2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal, PRE_KG=pre_kg,
-        LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()), **extra,
+        REP=rep, HALF=half, HALF_P=triton.next_power_of_2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal,
+        PRE_KG=pre_kg, LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()),
+        **extra,
     )
     if split:
         _merge_splits[(batch * hq * q_len,)](
             o_ws, lse_ws, out, *out.stride()[:3], hq, q_len, splits,
-            S_P=_next_pow2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4,
+            S_P=triton.next_power_of_2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4,
         )
     return out
