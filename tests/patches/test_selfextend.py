@@ -248,6 +248,7 @@ def test_triton_backend_generates_what_the_torch_backend_does():
         ids[b, 100 - row.shape[1]:], mask[b, 100 - row.shape[1]:] = row[0], 1
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    vanilla = _logits(model, ids, attention_mask=mask)
     out = {}
     for backend in ("torch", "triton"):
         info = longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend=backend)
@@ -257,6 +258,7 @@ def test_triton_backend_generates_what_the_torch_backend_does():
             out[backend] = (model.generate(ids, attention_mask=mask, **kw), _logits(model, ids, attention_mask=mask))
         longctx.unpatch(model)
     assert torch.equal(out["triton"][0], out["torch"][0])  # left-padded prefill, then q_len = 1 decode with a cache
+    assert torch.equal(_logits(model, ids, attention_mask=mask), vanilla)  # unpatch restored the model
     real = mask.bool()[:, :, None].expand_as(out["torch"][1])
     torch.testing.assert_close(out["triton"][1][real], out["torch"][1][real], **TOL)
 
@@ -275,3 +277,15 @@ def test_triton_backend_falls_back_with_a_warning_and_auto_stays_torch_on_cpu():
     info = longctx.patch(model.cpu(), "selfextend", group_size=4, window=16)  # "auto" is the default
     assert info.params["attn_backend"] == "torch" and info.notes[0] == "backend=torch"
     assert torch_path.params["attn_backend"] == "torch"
+
+
+def test_backend_without_triton_installed(monkeypatch):
+    from longctx.kernels import selfextend_triton
+
+    monkeypatch.setattr(selfextend_triton, "triton", None)
+    model = build("llama")
+    with pytest.raises(ImportError, match="needs the triton package.*attn_backend='torch' or 'auto'"):
+        longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="triton")
+    assert not longctx.is_patched(model)
+    info = longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="auto")
+    assert info.params["attn_backend"] == "torch" and "triton is not installed" in info.notes[0]
