@@ -6,6 +6,8 @@
 """
 
 from .api import PatchInfo, inspect, is_patched, load, methods, patch, patch_info, unpatch
+from .export import ExportResult, export
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "load", "methods", "inspect", "is_patched", "patch_info", "PatchInfo", "__version__"]
+__all__ = ["patch", "unpatch", "load", "export", "methods", "inspect", "is_patched", "patch_info", "PatchInfo",
+           "ExportResult", "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ class PatchInfo:
 class _State:
     info: PatchInfo
     reverts: list
+    record: dict[str, Any]  # {"method", "params"}: what re-applies this patch to a saved copy of the model
 
 
 def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> PatchInfo:
@@ -64,10 +66,8 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
         A :class:`PatchInfo` record (method, resolved parameters, trained and target length). Patching an
         already patched model first removes the earlier patch.
     """
-    spec = get_method(method)
+    spec = resolve_method(model, method)
     hf = unwrap(model)
-    if spec.kind != "absolute" and f"{spec.name}_absolute" in registry and describe(hf).position_encoding == "absolute":
-        spec = registry[f"{spec.name}_absolute"]  # e.g. "pi" on BERT: interpolate the learned table
     cfg = spec.make_config(**params)
     if is_patched(hf):
         unpatch(model)
@@ -75,8 +75,11 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
     reverts = [applied.revert]
     if applied.target_length:
         reverts += _raise_limits(model, hf, tokenizer, applied.target_length)
+    record = _reload_record(spec, applied)
     if not spec.standard_config:
-        reverts.append(_record(hf, spec, applied))
+        undo = Undo()
+        undo.setattr(hf.config, CONFIG_KEY, copy.deepcopy(record))
+        reverts.append(undo)
     info = PatchInfo(
         method=spec.name,
         params=applied.params,
@@ -86,20 +89,36 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
         layer_types=applied.layer_types,
         notes=applied.notes,
     )
-    setattr(hf, _STATE_ATTR, _State(info=info, reverts=reverts))
+    setattr(hf, _STATE_ATTR, _State(info=info, reverts=reverts, record=record))
     logger.info(str(info))
     return info
 
 
-def _record(hf: nn.Module, spec: Any, applied: Any) -> Any:
-    """Write ``config.longctx = {"method", "params"}`` (saved with the config) so that :func:`load` can re-apply a
-    method no standard config expresses; returns its revert."""
+def resolve_method(model: Any, method: str) -> Any:
+    """The registry entry ``method`` means for ``model``: ``"pi"`` on an absolute-position model is ``pi_absolute``
+    (the learned table interpolated)."""
+    spec = get_method(method)
+    if spec.kind != "absolute" and f"{spec.name}_absolute" in registry and (
+        describe(unwrap(model)).position_encoding == "absolute"
+    ):
+        spec = registry[f"{spec.name}_absolute"]
+    return spec
+
+
+def _reload_record(spec: Any, applied: Any) -> dict[str, Any]:
+    """``{"method", "params"}`` that re-apply ``applied`` to a saved copy of the model: written as
+    ``config.longctx`` (saved with the config) for a method no standard config expresses, so that :func:`load` can
+    re-apply it."""
     fields = {name for name, _, _ in spec.parameters()}
     resolved = {**applied.params, "trained_length": applied.trained_length, "target_length": applied.target_length}
     params = applied.reload if applied.reload is not None else {k: v for k, v in resolved.items() if k in fields}
-    undo = Undo()
-    undo.setattr(hf.config, CONFIG_KEY, {"method": spec.name, "params": params})
-    return undo
+    return {"method": spec.name, "params": params}
+
+
+def reload_record(model: Any) -> dict[str, Any] | None:
+    """The ``{"method", "params"}`` record that re-applies ``model``'s patch (``None`` if it is not patched)."""
+    state = getattr(unwrap(model), _STATE_ATTR, None)
+    return copy.deepcopy(state.record) if state is not None else None
 
 
 def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> Any:

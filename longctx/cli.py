@@ -1,4 +1,4 @@
-"""The ``longctx`` command line: ``methods``, ``inspect``, ``eval {ppl,retrieval,passkey,needle}``."""
+"""The ``longctx`` command line: ``methods``, ``inspect``, ``export``, ``eval {ppl,retrieval,passkey,needle}``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,48 @@ def inspect_cmd(
     for key, value in data.items():
         table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
     console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    src: Annotated[str, typer.Argument(help="Model directory (config.json), sentence-transformers directory "
+                                            "(modules.json), a .gguf file, or 'smollm2' / 'minilm'.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    method: Annotated[str, typer.Option(help="Method to export with (see 'longctx methods').")],
+    target_length: Annotated[Optional[int], typer.Option(help="Context length to extend to.")] = None,
+    factor: Annotated[Optional[float], typer.Option(help="Extension factor (instead of --target-length).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(help="Method parameter NAME=VALUE, repeatable (e.g. "
+                                                            "group_size=16).")] = None,
+    verify: Annotated[bool, typer.Option(help="Reload the export, compare its outputs with the patched model "
+                                              "(must agree) and run one passkey check at the target length.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (once the new export is complete).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Write an extended checkpoint: a standard config (pi, ntk, dynamic_ntk, yarn: loads in plain transformers and
+    vLLM), a longctx block re-applied by longctx.load (selfextend, grouped, recurrent, pcw), or an interpolated
+    position table (pi on BERT-style encoders); plus a model card (README.md)."""
+    import longctx
+
+    params = _method_params([p if p.startswith(f"{method}.") else f"{method}.{p}" for p in param or []]).get(method, {})
+    if target_length is not None:
+        params["target_length"] = target_length
+    if factor is not None:
+        params["factor"] = factor
+    try:
+        result = longctx.export(src, out, method, overwrite=overwrite, verify=verify, **params)
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    console.print(f"[bold]{result.path}[/]: {result.method} ({result.form} form), trained {result.trained_length} "
+                  f"-> target {result.target_length}, in {result.seconds:.1f} s")
+    for note in result.notes:
+        console.print(f"  - {note}")
+    if result.verify:
+        v = result.verify
+        console.print(f"  verify: max |diff| {v['max_abs_diff']:.3g} over {v['tokens']} tokens; passkey "
+                      f"{json.dumps(v.get('passkey'), default=str)}")
 
 
 def _load_for_inspect(spec: str):

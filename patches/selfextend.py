@@ -326,7 +326,11 @@ def apply(model: nn.Module, cfg: SelfExtendConfig) -> Applied:
     params = {"group_size": plan.group_size, "window": plan.window, "shift": cfg.shift, "attn_backend": backend}
     if cfg.scale_base:
         params["scale_base"] = cfg.scale_base
+    # a saved copy re-requests the backend the user asked for (resolved again where it is loaded), not this one
+    reload = {**params, "attn_backend": cfg.attn_backend, "trained_length": L, "target_length": target}
+    if cfg.block_size:
+        reload["block_size"] = cfg.block_size
     return Applied(
         method=NAME, params=params, trained_length=L, target_length=target, factor=target / L,
-        layer_types=layer_types, revert=undo, notes=notes,
+        layer_types=layer_types, revert=undo, notes=notes, reload=reload,
     )
