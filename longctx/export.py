@@ -228,24 +228,24 @@ class _Job:
         pass
 
 
-def _path_job(spec: str, out: Path, method: str | None, params: dict, overwrite: bool) -> _Job:
+def _path_job(source: str, out: Path, method: str | None, params: dict, overwrite: bool) -> _Job:
     from .loading import load_causal_lm, resolve_model_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if method is None:
         raise ValueError("give the method to export with (longctx.methods() lists them)")
-    folder, gguf = resolve_model_path(spec)
+    folder, gguf = resolve_model_path(source)
     _check_out(out, folder if not gguf else None, overwrite)
     if gguf:
-        model, tokenizer = load_causal_lm(spec)
+        model, tokenizer = load_causal_lm(source)
         return _MemoryJob(model, tokenizer, method, params, source=f"{folder / gguf}", own=True)
     config_dir = _transformer_dir(folder)
     if not (config_dir / "config.json").exists():
-        raise FileNotFoundError(f"{spec} is not a model directory: no config.json in {config_dir}")
+        raise FileNotFoundError(f"{source} is not a model directory: no config.json in {config_dir}")
     skeleton = _skeleton(config_dir)
-    spec = api.resolve_method(skeleton, method)
-    if spec.name == "pi_absolute":  # the table is interpolated: needs the weights
-        spec.make_config(**params)  # a wrong parameter fails before the load
+    resolved = api.resolve_method(skeleton, method)
+    if resolved.name == "pi_absolute":  # the table is interpolated: needs the weights
+        resolved.make_config(**params)  # a wrong parameter fails before the load
         model = api.load(folder)
         tokenizer = None if (folder / "modules.json").exists() else _tokenizer(folder)  # ST saves its own
         return _MemoryJob(model, tokenizer, method, params, source=str(folder), own=True)
