@@ -80,6 +80,10 @@ def export_cmd(
                                                             "group_size=16).")] = None,
     verify: Annotated[bool, typer.Option(help="Reload the export, compare its outputs with the patched model "
                                               "(must agree) and run one passkey check at the target length.")] = False,
+    eval_: Annotated[bool, typer.Option("--eval", help="Passkey at the trained and the target length on the "
+                                                       "reloaded export (decoders: 3 depths by generation; "
+                                                       "embedding models: retrieval over 8 documents), into the "
+                                                       "model card.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (once the new export is complete).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
@@ -94,7 +98,7 @@ def export_cmd(
     if factor is not None:
         params["factor"] = factor
     try:
-        result = longctx.export(src, out, method, overwrite=overwrite, verify=verify, **params)
+        result = longctx.export(src, out, method, overwrite=overwrite, verify=verify, eval=eval_, **params)
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
     if as_json:
@@ -108,6 +112,10 @@ def export_cmd(
         v = result.verify
         console.print(f"  verify: max |diff| {v['max_abs_diff']:.3g} over {v['tokens']} tokens; passkey "
                       f"{json.dumps(v.get('passkey'), default=str)}")
+    if result.eval is not None:
+        from longctx.export import eval_table
+
+        console.print("\n".join(["  passkey (--eval):"] + [f"  {line}" for line in eval_table(result.eval)]))
 
 
 def _load_for_inspect(spec: str):

@@ -71,6 +71,7 @@ class ExportResult:
     config: dict[str, Any]  # the config.json keys the export set
     notes: list[str] = field(default_factory=list)
     verify: dict[str, Any] | None = None
+    eval: list[dict[str, Any]] | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ def export(
     tokenizer: Any = None,
     overwrite: bool = False,
     verify: bool = False,
+    eval: bool = False,
     progress: bool = True,
     **params: Any,
 ) -> ExportResult:
@@ -102,6 +104,9 @@ def export(
         overwrite: replace an existing ``out`` (only once the new export is complete).
         verify: reload the export, compare its outputs with the patched model in memory (must agree), and run one
             passkey check at the target length; results go into the model card and ``ExportResult.verify``.
+        eval: passkey at the trained and the target length (decoders: by generation at depths 0.1 / 0.5 / 0.9;
+            embedding models: LongEmbed passkey retrieval, 8 documents per length), on the reloaded export; the
+            table goes into the model card and ``ExportResult.eval``.
         progress: show progress bars.
 
     Returns:
@@ -118,8 +123,12 @@ def export(
     try:
         partial = _partial_dir(out)
         result = job.run(partial, progress)
+        loaded = api.load(partial) if verify or eval else None
         if verify:
-            result.verify = _verify(partial, job, result, progress)
+            result.verify = _verify(loaded, partial, job, result, progress)
+        if eval:
+            lengths = [result.trained_length, result.target_length]
+            result.eval = _passkey_rows(loaded, _tokenizer(partial), lengths, (0.1, 0.5, 0.9), 8, progress)
         _write_card(partial, result)
         _move_into_place(partial, out, overwrite)
     except BaseException:
@@ -578,10 +587,9 @@ def _outputs(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().cpu()
 
 
-def _verify(partial: Path, job: _Job, result: ExportResult, progress: bool) -> dict[str, Any]:
-    """Reload the export, compare it with the patched model in memory, and run one passkey check at the target."""
+def _verify(loaded: Any, partial: Path, job: _Job, result: ExportResult, progress: bool) -> dict[str, Any]:
+    """Compare the reloaded export with the patched model in memory, and run one passkey check at the target."""
     reference, tokenizer = job.reference()
-    loaded = api.load(partial)
     hf = unwrap(reference)
     trained, target = result.trained_length or 0, result.target_length or 0
     n = min(target, trained + 64) if target else 128
@@ -594,29 +602,31 @@ def _verify(partial: Path, job: _Job, result: ExportResult, progress: bool) -> d
     if diff > 1e-4 * max(1.0, scale):
         raise ExportError(f"the exported model's outputs differ from the patched model's by {diff:.3g} (at {n} "
                           "tokens): the export is not written")
-    report["passkey"] = _passkey_check(loaded, partial, tokenizer, target, progress)
+    rows = _passkey_rows(loaded, tokenizer or _tokenizer(partial), [target], (0.5,), 4, progress)
+    report["passkey"] = rows[0] if rows else {"skipped": "no tokenizer in the export"}
     return report
 
 
-def _passkey_check(model: Any, partial: Path, tokenizer: Any, target: int, progress: bool) -> dict[str, Any]:
-    import random
-
-    tokenizer = tokenizer or _tokenizer(partial)
+def _passkey_rows(model: Any, tokenizer: Any, lengths: list, depths: tuple, docs: int, progress: bool) -> list[dict]:
+    """Passkey on ``model`` at each length: by generation on a decoder (one trial per depth), LongEmbed passkey
+    retrieval over ``docs`` documents on an embedding model. No tokenizer: no rows."""
     if tokenizer is None:
-        return {"skipped": "no tokenizer in the export"}
+        return []
     if describe(unwrap(model)).kind == "decoder":
-        from longctx.eval.passkey import passkey_trial
+        from longctx.eval.passkey import passkey_grid
 
-        key = str(random.Random(target).randrange(10000, 100000))
-        trial = passkey_trial(unwrap(model), tokenizer, length=target - 16, depth=0.5, key=key)
-        return {"kind": "generation", **trial.to_dict()}
+        trials = passkey_grid(unwrap(model), tokenizer, [n - 16 for n in lengths], list(depths), progress=progress)
+        return [{"kind": "generation", **t.to_dict()} for t in trials]
     from longctx.eval.retrieval import Embedder, evaluate
     from longctx.eval.synthetic import passkey_task
 
     embedder = Embedder(model, tokenizer, batch_size=1, show_progress=progress)
-    task = passkey_task(embedder.count_tokens, [target - 2], n_docs=4)
-    metrics, _ = evaluate(embedder, task.split(target - 2), ks=(1,))
-    return {"kind": "retrieval", "length": target - 2, "documents": 4, **metrics}
+    task = passkey_task(embedder.count_tokens, [n - 2 for n in lengths], n_docs=docs)
+    rows = []
+    for n in lengths:
+        metrics, _ = evaluate(embedder, task.split(n - 2), ks=(1,))
+        rows.append({"kind": "retrieval", "length": n - 2, "documents": docs, **metrics})
+    return rows
 
 
 def _write_card(partial: Path, result: ExportResult) -> None:
@@ -674,4 +684,20 @@ def model_card(result: ExportResult, is_st: bool = False) -> str:
         elif pk:
             lines.append(f"- passkey: {pk.get('skipped')}")
         lines.append("")
+    if result.eval is not None:
+        lines += ["## Passkey (`--eval`)", ""] + eval_table(result.eval) + [""]
     return "\n".join(lines)
+
+
+def eval_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["No tokenizer in the export: no passkey run."]
+    if rows[0]["kind"] == "retrieval":
+        out = ["| prompt tokens | documents | nDCG@1 |", "|---|---|---|"]
+        return out + [f"| {r['length']} | {r['documents']} | {r['ndcg@1']:.3f} |" for r in rows]
+    out = ["| prompt tokens | depths | correct |", "|---|---|---|"]
+    for n in dict.fromkeys(r["length"] for r in rows):
+        cell = [r for r in rows if r["length"] == n]
+        out.append(f"| {max(r['tokens'] for r in cell)} | {', '.join(str(r['depth']) for r in cell)} | "
+                   f"{sum(r['correct'] for r in cell)} / {len(cell)} |")
+    return out
