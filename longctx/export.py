@@ -51,6 +51,7 @@ STANDARD_ROPE_TYPES = {"default": "default", "linear": "linear", "yarn": "yarn",
 _PARTIAL = ".longctx-partial-"
 _OLD = ".longctx-old-"
 _SKIP_DIRS = {".git", "__pycache__", ".cache"}
+_BASE_NOTE = "plain transformers loads the base model; longctx.load re-applies the extension"
 
 
 class ExportError(RuntimeError):
@@ -149,7 +150,7 @@ def _transformer_dir(folder: Path) -> Path:
     modules = folder / "modules.json"
     if modules.exists():
         for module in json.loads(modules.read_text()):
-            if module.get("type", "").endswith(".Transformer") or module.get("type", "").endswith("models.Transformer"):
+            if module.get("type", "").endswith(".Transformer"):
                 return folder / module.get("path", "")
     return folder
 
@@ -176,20 +177,13 @@ def _check_out(out: Path, src: Path | None, overwrite: bool) -> None:
             raise ValueError(f"the output {out} must be outside the source {src} (and not contain it)")
 
 
-def _model_class(config: Any) -> Any:
-    import transformers
-
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    return cls
-
-
 def _skeleton(config_dir: Path) -> Any:
     """The model built from its config alone on the ``meta`` device: no weights read, enough to resolve a method."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(config_dir)
-    cls = _model_class(config)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
     with torch.device("meta"):
         return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
 
@@ -296,7 +290,7 @@ class _CopyJob(_Job):
         else:
             config = {**base, api.CONFIG_KEY: record}
             set_keys = {api.CONFIG_KEY: record}
-            notes.append("plain transformers loads the base model; longctx.load re-applies the extension")
+            notes.append(_BASE_NOTE)
         rewrites = {rel / "config.json": config}
         if form == "config":
             rewrites.update(_raised_limits(self.folder, self.info.target_length))
@@ -348,7 +342,7 @@ class _MemoryJob(_Job):
                              "length); longctx.load restores the anchor mapping (inputs within the trained length "
                              "unchanged)")
             else:
-                notes.append("plain transformers loads the base model; longctx.load re-applies the extension")
+                notes.append(_BASE_NOTE)
             _write_json(config_path, saved)
         return _result(self.source, record, form, info, set_keys, notes)
 
