@@ -25,22 +25,26 @@ length like every other method.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from longctx.core.rope import dynamic_ntk_inv_freq, rotate_by_angles
 from longctx.models import layer_params, rotary_dim
 
 from .base import Applied, Undo
-from .rope_common import RopeConfig, RopeContext, apply_rope_method
+from .rope_common import (
+    RopeConfig,
+    RopeContext,
+    apply_rope_method,
+    base_attention,
+    install_attention_wrapper,
+    layer_type_of,
+)
 
 NAME = "dynamic_ntk"
 DESCRIPTION = (
@@ -106,35 +110,15 @@ class _History:
 _STATES: dict[int, dict[Any, _History]] = {}
 
 
-def _layer_type_of(module: nn.Module) -> str | None:
-    config = module.config
-    layer_types = getattr(config, "layer_types", None)
-    nested = isinstance(config.rope_parameters, dict) and layer_types and any(
-        k in layer_types for k in config.rope_parameters
-    )
-    if not nested:
-        return None
-    return layer_types[module.layer_idx]
-
-
-def _base_attention(name: str, module: nn.Module):
-    if name == "eager":
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
 def _make_attention(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         histories = _STATES.get(id(module.config))
-        layer_type = _layer_type_of(module) if histories is not None else None
+        layer_type = layer_type_of(module) if histories is not None else None
         params = layer_params(module.config, layer_type) if histories is not None else None
         if histories is None or params.get("rope_type") != ROPE_TYPE_CONSISTENT:
-            return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+            return base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
         key = _rerotate_keys(module, key, query.shape[2], kwargs.get("position_ids"), params, histories)
-        return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+        return base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{ATTN_PREFIX}{base}"
     return attention
@@ -166,19 +150,6 @@ def _rerotate_keys(module, key, q_len, position_ids, params, histories) -> torch
     if not torch.any(delta):
         return key
     return rotate_by_angles(key, delta[:, None])
-
-
-def _register_attention(base: str) -> str:
-    name = f"{ATTN_PREFIX}{base}"
-    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            raise ValueError(
-                f"dynamic_ntk(cache_consistent=True) cannot wrap attention implementation '{base}'; supported: "
-                f"{sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}"
-            )
-        AttentionInterface.register(name, _make_attention(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
 
 
 def _frequency_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,12 +187,7 @@ def _post(model: nn.Module, rotaries: list, undo: Undo, contexts: list[RopeConte
     for cid, config in configs.items():
         _STATES[cid] = {}
         undo.push(lambda cid=cid: _STATES.pop(cid, None))
-    base = model.config._attn_implementation
-    if base.startswith(ATTN_PREFIX):
-        base = base[len(ATTN_PREFIX):]
-    name = _register_attention(base)
-    model.set_attn_implementation(name)
-    undo.push(lambda: model.set_attn_implementation(base))
+    name = install_attention_wrapper(model, ATTN_PREFIX, _make_attention, "dynamic_ntk(cache_consistent=True)", undo)
     notes.append(f"cache-consistent: attention '{name}' re-rotates cached keys to the current frequencies")
     weakref.finalize(model, lambda ids=list(configs): [_STATES.pop(i, None) for i in ids])
     return notes

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from longctx.core.rope import resolve_factor
 from longctx.models import (
@@ -34,7 +37,8 @@ from longctx.models import (
 
 from .base import Applied, Undo
 
-__all__ = ["RopeConfig", "RopeContext", "apply_rope_method", "rebuild_rotary"]
+__all__ = ["RopeConfig", "RopeContext", "apply_rope_method", "rebuild_rotary", "layer_type_of", "base_attention",
+           "install_attention_wrapper"]
 
 
 @dataclass
@@ -185,3 +189,46 @@ def _edit_config(config: Any, method: str, cfg: RopeConfig, params_fn: ParamsFn,
     undo.push(restore_params)
     undo.setattr(config, "max_position_embeddings", max(target, getattr(config, "max_position_embeddings", 0) or 0))
     return contexts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention functions that wrap the model's own (sdpa / eager / flash …): registered with AttentionInterface and,
+# with the base's mask function, AttentionMaskInterface (without the second the model would silently get no mask)
+# ---------------------------------------------------------------------------------------------------------------
+def layer_type_of(module: nn.Module) -> str | None:
+    """The layer type of an attention module whose config nests ``rope_parameters`` per layer type, else None."""
+    config = module.config
+    layer_types = getattr(config, "layer_types", None)
+    nested = isinstance(config.rope_parameters, dict) and layer_types and any(
+        k in layer_types for k in config.rope_parameters
+    )
+    return layer_types[module.layer_idx] if nested else None
+
+
+def base_attention(name: str, module: nn.Module) -> Callable:
+    """The attention function ``name`` stands for (``eager``: the module's own ``eager_attention_forward``)."""
+    if name == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def install_attention_wrapper(model: nn.Module, prefix: str, make: Callable[[str], Callable], method: str,
+                              undo: Undo) -> str:
+    """Switch ``model`` to the attention function ``make(base)`` registered as ``prefix + base`` (``base``: the
+    model's current implementation); returns the name, and pushes the switch back onto ``undo``."""
+    base = model.config._attn_implementation
+    if base.startswith(prefix):
+        base = base[len(prefix):]
+    name = f"{prefix}{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            raise ValueError(f"{method} cannot wrap attention implementation '{base}'; supported: "
+                             f"{sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}")
+        AttentionInterface.register(name, make(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    model.set_attn_implementation(name)
+    undo.push(lambda: model.set_attn_implementation(base))
+    return name
