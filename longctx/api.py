@@ -121,12 +121,16 @@ def reload_record(model: Any) -> dict[str, Any] | None:
     return copy.deepcopy(state.record) if state is not None else None
 
 
-def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> Any:
-    """Load a model directory saved from a patched model (``st.save`` / ``save_pretrained``), with its extension
-    active again: methods a standard config expresses come back by themselves; the others (``grouped``,
-    ``recurrent``, ``pcw``, ``selfextend``, absolute ``pi``'s row mapping) are re-applied from the ``longctx`` block
-    of config.json. Returns the model (a sentence-transformers model for a sentence-transformers directory); a plain
-    directory loads as it is."""
+def load(path: str | Any, *, dtype: Any = None, device: str | None = None, allow_training_free: bool = False) -> Any:
+    """Load a model directory with its extension active: an export (``longctx export``) or a directory saved from a
+    patched model (``st.save`` / ``save_pretrained``) — methods a standard config expresses come back by themselves;
+    the others (``grouped``, ``recurrent``, ``pcw``, ``selfextend``, ``clex``, absolute ``pi``'s row mapping) are
+    re-applied from the ``longctx`` block of config.json — or a CLEX checkpoint as its authors released it
+    (``rope_scaling`` of type ``clex``; see :func:`load_clex_checkpoint`). Returns the model (a sentence-transformers
+    model for a sentence-transformers directory); a plain directory loads as it is.
+
+    ``allow_training_free``: load a CLEX checkpoint whose weights lack the ODE parameters with CLEX's training-free
+    limit instead of failing."""
     from pathlib import Path
 
     import torch
@@ -137,6 +141,8 @@ def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> An
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(folder), device=device or "cpu")
+    elif _clex_scaling(folder) is not None:
+        return load_clex_checkpoint(folder, dtype=dtype, device=device, allow_training_free=allow_training_free)
     else:  # the class it was saved from (LlamaForCausalLM, BertModel …); no tokenizer needed
         config = transformers.AutoConfig.from_pretrained(folder)
         arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
@@ -148,7 +154,70 @@ def load(path: str | Any, *, dtype: Any = None, device: str | None = None) -> An
     block = getattr(hf.config, CONFIG_KEY, None)
     if block:
         delattr(hf.config, CONFIG_KEY)
-        patch(model, block["method"], **block["params"])
+        params = {k: str(folder / v[2:]) if isinstance(v, str) and v.startswith("./") else v  # files of the export
+                  for k, v in block["params"].items()}
+        patch(model, block["method"], **params)
+    return model
+
+
+CLEX_FAMILIES = ("llama", "mistral", "mixtral", "phi", "qwen2")  # model types of CLEX checkpoints longctx maps
+
+
+def _clex_scaling(folder: Any) -> dict | None:
+    import json
+
+    config = folder / "config.json"
+    if not config.exists():
+        return None
+    scaling = json.loads(config.read_text()).get("rope_scaling") or {}
+    return scaling if (scaling.get("type") or scaling.get("rope_type")) == "clex" else None
+
+
+def load_clex_checkpoint(path: Any, *, dtype: Any = None, device: str | None = None,
+                         allow_training_free: bool = False) -> Any:
+    """A CLEX checkpoint as released (CLEX-LLaMA-2, CLEX-Phi-2, CLEX-Mixtral: config.json with ``rope_scaling``
+    ``{"type": "clex", "max_factor", "param_factor", "act", "time_dt"}``, ``log_scale``, an ``auto_map`` to remote
+    code, weights holding ``model.clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj``) on transformers' own class
+    for its model type — no ``trust_remote_code`` — patched with ``clex`` and those weights."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from .core.clex import read_ode_weights
+
+    folder = Path(path)
+    raw = json.loads((folder / "config.json").read_text())
+    scaling = raw["rope_scaling"]
+    model_type = raw.get("model_type")
+    if model_type not in CLEX_FAMILIES:
+        raise ValueError(f"CLEX checkpoint of model type '{model_type}': longctx maps CLEX checkpoints of "
+                         f"{', '.join(CLEX_FAMILIES)} onto transformers' own classes")
+    try:
+        read_ode_weights(folder)
+        ode_weights: str | None = str(folder)
+    except FileNotFoundError:
+        if not allow_training_free:
+            raise FileNotFoundError(
+                f"{folder} is a CLEX checkpoint (rope_scaling type 'clex') but its weights hold no ODE parameters "
+                "(model.clex_layer.proj_func.ode_up_proj / ode_down_proj); pass allow_training_free=True to load it "
+                "with CLEX's training-free limit (NTK with alpha = 2t - 1)"
+            ) from None
+        ode_weights = None
+    drop = ("model_type", "rope_scaling", "auto_map", "architectures", "log_scale", "use_flashattn",
+            "transformers_version")
+    config = transformers.CONFIG_MAPPING[model_type](**{k: v for k, v in raw.items() if k not in drop})
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32)
+    model = model.eval()
+    if device:
+        model = model.to(device)
+    params = {k: scaling[k] for k in ("max_factor", "param_factor", "act", "time_dt") if k in scaling}
+    log_scale = bool(raw.get("log_scale", True))  # CLEXLlamaConfig's default
+    patch(model, "clex", ode_weights=ode_weights, log_scale=log_scale, **params)
+    logger.warning(f"longctx: loaded the CLEX checkpoint {folder} as {type(model).__name__} without remote code "
+                   f"({'learned ODE weights' if ode_weights else 'training-free limit: no ODE weights'}, max_factor "
+                   f"{params.get('max_factor')}, log_scale {log_scale})")
     return model
 
 

@@ -235,9 +235,15 @@ def _path_job(source: str, out: Path, method: str | None, params: dict, overwrit
     from .loading import load_causal_lm, resolve_model_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, gguf = resolve_model_path(source)
+    if not gguf and api._clex_scaling(folder) is not None:  # a released CLEX checkpoint: its own method
+        if method not in (None, "clex") or params:
+            raise ValueError(f"{source} is a CLEX checkpoint: it exports with its own learned CLEX (no method or "
+                             "'clex', no parameters)")
+        _check_out(out, folder, overwrite)
+        return _MemoryJob(api.load(folder), _tokenizer(folder), None, {}, source=str(folder), own=True)
     if method is None:
         raise ValueError("give the method to export with (longctx.methods() lists them)")
-    folder, gguf = resolve_model_path(source)
     _check_out(out, folder if not gguf else None, overwrite)
     if gguf:
         model, tokenizer = load_causal_lm(source)
@@ -288,6 +294,7 @@ class _CopyJob(_Job):
             config, set_keys, form_notes = standard
             notes += form_notes
         else:
+            _carry_files(record, partial)
             config = {**base, api.CONFIG_KEY: record}
             set_keys = {api.CONFIG_KEY: record}
             notes.append(_BASE_NOTE)
@@ -334,6 +341,7 @@ class _MemoryJob(_Job):
             notes += form_notes
             _write_json(config_path, config)
         else:
+            _carry_files(record, partial)
             saved[api.CONFIG_KEY] = record
             set_keys = {api.CONFIG_KEY: record}
             if form == "weights":
@@ -387,6 +395,20 @@ def _gguf_dequantized(model: Any) -> Iterator[None]:
         yield
     finally:
         undo()
+
+
+def _carry_files(record: dict, partial: Path) -> None:
+    """Files a record refers to go into the export, referred to as ``./name`` (``longctx.load`` resolves them
+    against the export's directory): CLEX's learned ODE weights."""
+    source = record["params"].get("ode_weights")
+    if source:
+        from safetensors.torch import save_file
+
+        from .core.clex import ODE_KEYS, read_ode_weights
+
+        tensors = dict(zip((f"model.{k}" for k in ODE_KEYS), read_ode_weights(source)))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / "clex_ode.safetensors"))
+        record["params"]["ode_weights"] = "./clex_ode.safetensors"
 
 
 def _result(source: str, record: dict, form: str, info: api.PatchInfo, set_keys: dict, notes: list) -> ExportResult:

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from longctx.patches import absolute, dynamic_ntk, ntk, pi, selfextend, yarn
+from longctx.patches import absolute, clex, dynamic_ntk, ntk, pi, selfextend, yarn
 from longctx.patches.base import Applied
 
 __all__ = ["MethodSpec", "registry", "register", "get_method"]
@@ -91,6 +91,7 @@ register(_spec(ntk, ntk.NTKConfig))
 register(_spec(dynamic_ntk, dynamic_ntk.DynamicNTKConfig))
 register(_spec(yarn, yarn.YaRNConfig))
 register(_spec(selfextend, selfextend.SelfExtendConfig, kind="rope_attention", standard=False))
+register(_spec(clex, clex.CLEXConfig, standard=False))
 
 register(MethodSpec(
     "grouped", "absolute positions grouped: p -> p // ceil(n / L) for an n-token input (LongEmbed); exact for n <= L",

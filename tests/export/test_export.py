@@ -26,6 +26,7 @@ ROPE_ROWS = {
     "dynamic_ntk": {"factor": 4},
     "yarn": {"target_length": 256},
     "selfextend": {"group_size": 4, "window": 16},
+    "clex": {"max_factor": 4},
 }
 ABSOLUTE_ROWS = {
     "grouped": {"target_length": 128},
@@ -86,8 +87,13 @@ def test_round_trip(tmp_path, family, method):
         assert config[longctx.api.CONFIG_KEY]["method"] == method
         assert torch.equal(_out(_plain(out, family)), base)  # plain transformers: the base model
         assert config["rope_parameters"] == _config(src)["rope_parameters"]
-        assert torch.equal(_out(longctx.load(out)), expected)
-    expected_form = "longctx" if method == "selfextend" or (family == "phi3" and method != "ntk") else "config"
+        loaded = _out(longctx.load(out))
+        if family == "gemma3_text" and method != "selfextend":  # longctx.load gives sdpa; the built model is eager
+            torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(loaded, expected)
+    nonstandard = method in ("selfextend", "clex") or (family == "phi3" and method != "ntk")
+    expected_form = "longctx" if nonstandard else "config"
     assert result.form == expected_form  # Phi3Config accepts only 'default' and 'longrope' rope types
     assert (out / "README.md").read_text().count(method) >= 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial sibling left

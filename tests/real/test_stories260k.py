@@ -3,7 +3,7 @@
 Fast enough for every CI run (15.5k tokens, four lengths, five variants). The table it produces is the one in README
 (regenerate it with ``longctx eval ppl --model ../shared/models/stories260K --text
 ../shared/data/tinystories/tinystories_valid_subset.txt --lengths 512,1024,2048,4096
---methods vanilla,pi,ntk,dynamic_ntk,yarn,selfextend --max-windows 0 --param selfextend.group_size=16
+--methods vanilla,pi,ntk,dynamic_ntk,yarn,selfextend,clex --max-windows 0 --param selfextend.group_size=16
 --param selfextend.window=128``).
 """
 
@@ -15,7 +15,7 @@ import torch
 import longctx
 from longctx.eval.perplexity import ppl_table, token_ids
 
-METHODS = ["vanilla", "pi", "ntk", "dynamic_ntk", "yarn", "selfextend"]
+METHODS = ["vanilla", "pi", "ntk", "dynamic_ntk", "yarn", "selfextend", "clex"]
 SELFEXTEND = {"selfextend": {"group_size": 16, "window": 128}}
 
 
@@ -53,6 +53,8 @@ def test_ppl_versus_length(stories, valid_ids):
     # SelfExtend (G=16, W=128) at 4x and 8x stays within 10% of the 1x perplexity
     for n in (2048, 4096):
         assert table[("selfextend", n)] < 1.10 * table[("vanilla", 512)]
+    # training-free CLEX (NTK with alpha = 2t - 1: over-scaled next to ntk's alpha = s) still stays below vanilla at 8x
+    assert table[("clex", 4096)] < 0.7 * vanilla_8x
     # and the model is left unpatched
     assert not longctx.is_patched(model)
 
