@@ -6,8 +6,9 @@
 """
 
 from .api import PatchInfo, inspect, is_patched, load, methods, patch, patch_info, unpatch
+from .core.positions import v2pe_position_ids
 from .export import ExportResult, export
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "load", "export", "methods", "inspect", "is_patched", "patch_info", "PatchInfo",
-           "ExportResult", "__version__"]
+           "ExportResult", "v2pe_position_ids", "__version__"]

@@ -39,9 +39,10 @@ class PatchInfo:
         where = f", layers {self.layer_types}" if self.layer_types else ""
         extra = {k: v for k, v in self.params.items() if k not in ("factor", "target_length", "trained_length")}
         shown = ", ".join(f"{k}={v}" for k, v in extra.items())
+        factor = f"factor {self.factor:g}" if self.factor is not None else "no fixed factor"
         return (
             f"longctx: {self.method} applied: trained {self.trained_length} -> target {self.target_length} "
-            f"(factor {self.factor:g}{', ' + shown if shown else ''}{where})"
+            f"({factor}{', ' + shown if shown else ''}{where})"
         )
 
 

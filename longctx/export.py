@@ -192,10 +192,10 @@ def _form(method: str, hf: Any) -> str:
     if method == "pi_absolute":
         return "weights"
     spec = get_method(method)
-    types = _rope_types(hf.config.rope_parameters) if spec.kind != "absolute" else []
-    if spec.standard_config and types and all(t in STANDARD_ROPE_TYPES for t in types):
-        return "config"
-    return "longctx"
+    if not spec.standard_config:
+        return "longctx"
+    types = _rope_types(hf.config.rope_parameters)
+    return "config" if types and all(t in STANDARD_ROPE_TYPES for t in types) else "longctx"
 
 
 def _config_form(form: str, base: dict, hf: Any, info: api.PatchInfo) -> tuple[str, tuple | None, list[str]]:

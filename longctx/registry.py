@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from longctx.patches import absolute, clex, dynamic_ntk, ntk, pi, selfextend, yarn
+from longctx.patches import absolute, clex, dynamic_ntk, ntk, pi, selfextend, v2pe, yarn
 from longctx.patches.base import Applied
 
 __all__ = ["MethodSpec", "registry", "register", "get_method"]
@@ -27,7 +27,8 @@ class MethodSpec:
     description: str
     config_cls: type
     apply: Callable[[nn.Module, Any], Applied]
-    kind: str  # "rope": rotary frequencies; "rope_attention": rotary attention function; "absolute": position tables
+    kind: str  # "rope": rotary frequencies; "rope_attention": rotary attention function; "rope_positions": position
+    # ids of a rotary model (v2pe); "absolute": position tables
     standard_config: bool  # expressible as a standard transformers/vLLM config
 
     def parameters(self) -> list[tuple[str, str, Any]]:
@@ -92,6 +93,7 @@ register(_spec(dynamic_ntk, dynamic_ntk.DynamicNTKConfig))
 register(_spec(yarn, yarn.YaRNConfig))
 register(_spec(selfextend, selfextend.SelfExtendConfig, kind="rope_attention", standard=False))
 register(_spec(clex, clex.CLEXConfig, standard=False))
+register(_spec(v2pe, v2pe.V2PEConfig, kind="rope_positions", standard=False))
 
 register(MethodSpec(
     "grouped", "absolute positions grouped: p -> p // ceil(n / L) for an n-token input (LongEmbed); exact for n <= L",
