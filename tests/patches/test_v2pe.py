@@ -189,3 +189,18 @@ def test_errors():
     with pytest.raises(ValueError, match="M-RoPE"):
         longctx.patch(model, "v2pe", delta=0.5)
     assert not longctx.is_patched(model)
+
+
+def test_qwen2_vl_is_refused():
+    """A real M-RoPE class (Qwen2-VL, tiny, from its config) gets the error that names what is supported."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(
+        "qwen2_vl", image_token_id=IMAGE,
+        text_config={**TEXT, "num_hidden_layers": 1, "eos_token_id": 2,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}},
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, in_chans=3, patch_size=4,
+                           spatial_merge_size=1))
+    model = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(ValueError, match="M-RoPE .* supports Llava, InternVL, Gemma3"):
+        longctx.patch(model, "v2pe", delta=0.5)
