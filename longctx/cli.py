@@ -73,7 +73,8 @@ def export_cmd(
     src: Annotated[str, typer.Argument(help="Model directory (config.json), sentence-transformers directory "
                                             "(modules.json), a .gguf file, or 'smollm2' / 'minilm'.")],
     out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
-    method: Annotated[str, typer.Option(help="Method to export with (see 'longctx methods').")],
+    method: Annotated[Optional[str], typer.Option(help="Method to export with (see 'longctx methods'); none for a "
+                                                       "released CLEX checkpoint, which carries its own.")] = None,
     target_length: Annotated[Optional[int], typer.Option(help="Context length to extend to.")] = None,
     factor: Annotated[Optional[float], typer.Option(help="Extension factor (instead of --target-length).")] = None,
     param: Annotated[Optional[list[str]], typer.Option(help="Method parameter NAME=VALUE, repeatable (e.g. "
@@ -88,11 +89,12 @@ def export_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Write an extended checkpoint: a standard config (pi, ntk, dynamic_ntk, yarn: loads in plain transformers and
-    vLLM), a longctx block re-applied by longctx.load (selfextend, grouped, recurrent, pcw), or an interpolated
-    position table (pi on BERT-style encoders); plus a model card (README.md)."""
+    vLLM), a longctx block re-applied by longctx.load (selfextend, clex, v2pe, grouped, recurrent, pcw), or an
+    interpolated position table (pi on BERT-style encoders); plus a model card (README.md)."""
     import longctx
 
-    params = _method_params([p if p.startswith(f"{method}.") else f"{method}.{p}" for p in param or []]).get(method, {})
+    name = method or "clex"
+    params = _method_params([p if p.startswith(f"{name}.") else f"{name}.{p}" for p in param or []]).get(name, {})
     if target_length is not None:
         params["target_length"] = target_length
     if factor is not None:

@@ -49,7 +49,10 @@ class MethodSpec:
         return self.config_cls(**params)
 
     def applies_to(self, info: Any) -> bool:
-        """Whether the method fits a model described by ``longctx.inspect`` (its ``position_encoding``)."""
+        """Whether the method fits a model described by ``longctx.inspect`` (its ``position_encoding``; position-id
+        methods such as V2PE: vision-language models, ``…ForConditionalGeneration`` with RoPE)."""
+        if self.kind == "rope_positions":
+            return info.position_encoding == "rope" and info.architecture.endswith("ForConditionalGeneration")
         return info.position_encoding == ("absolute" if self.kind == "absolute" else "rope")
 
 

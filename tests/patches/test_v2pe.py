@@ -113,6 +113,7 @@ def test_exact_at_300k_tokens():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_delta_one_is_the_unpatched_model(family):
     model = _vlm(family)
+    assert "v2pe" in longctx.inspect(model).methods and "v2pe" not in longctx.inspect(build("llama")).methods
     ids = _row(family, [1, 5], [7, 8, 9])[None]
     before = _generate(model, ids, _pixels(1))
     info = longctx.patch(model, "v2pe", delta=1)
