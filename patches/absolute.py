@@ -43,7 +43,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from longctx.models import find_rotary_modules, position_offset
-from .base import Applied, Undo
+from .base import Applied, Undo, real_key_lengths
 
 __all__ = ["GroupedConfig", "RecurrentConfig", "AbsolutePIConfig", "PCWConfig", "apply_grouped", "apply_recurrent",
            "apply_pi", "apply_pcw", "interpolate_table", "pcw_chunks"]
@@ -225,21 +225,13 @@ LOG_SCALE_ATTN = "longctx_log_scale"
 _LOG_SCALE: dict[int, int] = {}  # id(config) -> trained length L of a model patched with log_scale=True
 
 
-def _real_lengths(attention_mask: torch.Tensor | None, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Keys each row attends to (its real tokens), from a bool (True = attend) or additive float mask."""
-    if attention_mask is None:
-        return torch.full((batch,), kv_len, device=device)
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    return allowed.any(dim=-2).any(dim=1).sum(-1).expand(batch)  # [B, H|1, q, k]: a key any query may see
-
-
 def log_scale_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` entry: sdpa with each row's queries scaled by ``max(1, ln n / ln L)`` for its ``n``
     real tokens (LongEmbed's temperature for absolute-position encoders)."""
     L = _LOG_SCALE.get(id(module.config))
     if L is not None:
-        n = _real_lengths(attention_mask, query.shape[0], key.shape[2], query.device)
+        n = real_key_lengths(attention_mask, query.shape[0], key.shape[2]).to(query.device)
         factor = (n.double().clamp(min=1).log() / math.log(L)).clamp(min=1.0)
         query = query * factor.to(query.dtype).view(-1, 1, 1, 1)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

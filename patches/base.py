@@ -6,7 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Applied", "Undo"]
+import torch
+
+__all__ = ["Applied", "Undo", "real_key_lengths"]
 
 
 @dataclass
@@ -50,3 +52,16 @@ class Undo:
     def __call__(self) -> None:
         while self._actions:
             self._actions.pop()()
+
+
+def real_key_lengths(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor:
+    """Keys each row attends to (its real tokens), ``[batch]``: from a 4-D bool (True = attend) or additive float
+    mask (a key any query of the row may see), a 2-D ``[B, kv]`` padding mask (flash attention's; 1 = real), or
+    ``kv_len`` for every row without a mask."""
+    if attention_mask is None:
+        return torch.full((batch,), kv_len)
+    if attention_mask.dim() == 2:
+        return attention_mask.bool().sum(-1)
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    return allowed.any(dim=-2).any(dim=1).sum(-1).expand(batch)
+

@@ -45,7 +45,7 @@ from longctx.core.clex import (
 from longctx.core.rope import default_inv_freq, rotate_by_angles
 from longctx.models import layer_params, rotary_dim
 
-from .base import Applied, Undo
+from .base import Applied, Undo, real_key_lengths
 from .rope_common import (
     RopeConfig,
     RopeContext,
@@ -126,17 +126,6 @@ def _frequency_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         buf.copy_(table[state.t - 1].to(buf.device, buf.dtype))
 
 
-def _real_key_lengths(attention_mask: torch.Tensor | None, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Keys the last query of each row may see (its real keys), from a bool or additive mask; ``kv_len`` without."""
-    if attention_mask is None:
-        return torch.full((batch,), kv_len, device=device, dtype=torch.float32)
-    if attention_mask.dim() == 2:  # flash attention's [B, kv] padding mask (1 = real)
-        return attention_mask.bool().sum(-1).float()
-    last = attention_mask[:, :, -1, :]
-    allowed = last if last.dtype == torch.bool else last == 0
-    return allowed.any(dim=1).sum(-1).float().expand(batch)
-
-
 def _sync_cache(module: nn.Module, key: torch.Tensor, q_len: int, position_ids: Any, state: _State) -> None:
     """Track the positions of this layer's cached keys; when the scale changed since they were rotated, re-rotate
     them once, in place (the tensor the cache holds)."""
@@ -170,7 +159,7 @@ def _make_attention(base: str):
         if state is not None and layer_type_of(module) in state.tables:
             _sync_cache(module, key, query.shape[2], kwargs.get("position_ids"), state)
             if state.log_scale:
-                n = _real_key_lengths(attention_mask, query.shape[0], key.shape[2], query.device)
+                n = real_key_lengths(attention_mask, query.shape[0], key.shape[2]).to(query.device)
                 query = query * log_scale_factor(n, state.trained_length).to(query.dtype).view(-1, 1, 1, 1)
         return base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
 
@@ -178,11 +167,10 @@ def _make_attention(base: str):
     return attention
 
 
-def _post(cfg: CLEXConfig):
+def _post(cfg: CLEXConfig, weights: tuple[torch.Tensor, torch.Tensor] | None):
     def post(model: nn.Module, rotaries: list, undo: Undo, contexts: list[RopeContext]) -> list[str]:
         ctx = contexts[0]
         max_factor = _max_factor(cfg, ctx)
-        weights = read_ode_weights(cfg.ode_weights) if cfg.ode_weights else None
         configs = {id(r.config): r.config for r in rotaries}
         for cid, config in configs.items():
             state = _State(ctx.trained_length, max_factor, cfg.log_scale)
@@ -221,9 +209,8 @@ def apply(model: nn.Module, cfg: CLEXConfig) -> Applied:
             cfg.factor = float(cfg.max_factor)
     if cfg.time_dt <= 0:
         raise ValueError(f"clex time_dt must be > 0, got {cfg.time_dt}")
-    if cfg.ode_weights:
-        read_ode_weights(cfg.ode_weights)  # fail before touching the model
-    applied = apply_rope_method(model, NAME, cfg, rope_parameters, post=_post(cfg))
+    weights = read_ode_weights(cfg.ode_weights) if cfg.ode_weights else None  # fails before touching the model
+    applied = apply_rope_method(model, NAME, cfg, rope_parameters, post=_post(cfg, weights))
     applied.params["max_factor"] = int(cfg.max_factor) if cfg.max_factor is not None else math.ceil(applied.factor - 1e-9)
     if cfg.ode_weights is None:
         applied.params["training_free"] = True
