@@ -135,13 +135,43 @@ if triton is not None:
         return x1 * c - x2 * s, x2 * c + x1 * s
 
     @triton.jit
+    def _load_tile(ptr, rows, stride, cols, row_ok, col_ok, ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr):
+        """A ``[rows, cols]`` tile; masks only where asked (interior tiles load unmasked: no predicates)."""
+        mask = None
+        other = None
+        if ROWS_MASKED:
+            mask = row_ok[:, None]
+            other = 0.0
+            if COLS_MASKED:
+                mask = mask & col_ok[None, :]
+        elif COLS_MASKED:
+            mask = col_ok[None, :]
+            other = 0.0
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=other)
+
+    @triton.jit
+    def _scores(a1, a2, b1, b2, FP32: tl.constexpr):
+        """``a · bᵀ`` over both halves of the head dim (fp32 accumulation; exact fp32 products for fp32 inputs)."""
+        if FP32:
+            s = tl.dot(a1, tl.trans(b1), input_precision="ieee")
+            s = tl.dot(a2, tl.trans(b2), s, input_precision="ieee")
+        else:
+            s = tl.dot(a1, tl.trans(b1))
+            s = tl.dot(a2, tl.trans(b2), s)
+        return s
+
+    @triton.jit
     def _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, hi,
                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                MODE: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr, HALF: tl.constexpr,
                HALF_P: tl.constexpr, DV_P: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               FP32: tl.constexpr, FAST_TRIG: tl.constexpr):
+               FP32: tl.constexpr, FAST_TRIG: tl.constexpr, MASKED: tl.constexpr):
         """Online softmax over key tiles ``[lo, hi)``. MODE 0: neighbour scores only; 1: grouped (left) only;
-        2: grouped mirror (right, bidirectional) only; 3: the band — every score kind needed, picked per pair."""
+        2: grouped mirror (right, bidirectional) only; 3: the band — every score kind needed, picked per pair.
+
+        ``MASKED=False`` is the interior: every tile is whole (``hi − lo`` a multiple of ``BLOCK_N``) and every key
+        visible to every row, so no predicate is computed — the loop is plain flash attention's (scale and max
+        subtraction in one FMA). ``MASKED=True`` takes partial tiles, the causal diagonal and the band."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_h = tl.arange(0, HALF_P)
         offs_v = tl.arange(0, DV_P)
@@ -150,23 +180,18 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             j = start + offs_n
             jm = j < hi
-            kmask = jm[:, None] & hmask[None, :]
             if MODE == 0 or MODE == 3:
-                k1 = tl.load(k_ptr + j[:, None] * skn + offs_h[None, :], mask=kmask, other=0.0)
-                k2 = tl.load(k_ptr + j[:, None] * skn + HALF + offs_h[None, :], mask=kmask, other=0.0)
-                if FP32:
-                    s_n = tl.dot(q1, tl.trans(k1), input_precision="ieee")
-                    s_n += tl.dot(q2, tl.trans(k2), input_precision="ieee")
-                else:
-                    s_n = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+                k1 = _load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                k2 = _load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                s_n = _scores(q1, q2, k1, k2, FP32)
             if MODE != 0:
                 if PRE_KG:
-                    g1 = tl.load(g_ptr + j[:, None] * sgn + offs_h[None, :], mask=kmask, other=0.0)
-                    g2 = tl.load(g_ptr + j[:, None] * sgn + HALF + offs_h[None, :], mask=kmask, other=0.0)
+                    g1 = _load_tile(g_ptr, j, sgn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                    g2 = _load_tile(g_ptr + HALF, j, sgn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
                 else:  # rotate the key tile to its grouped positions here: decode is memory-bound
                     if MODE != 3:
-                        k1 = tl.load(k_ptr + j[:, None] * skn + offs_h[None, :], mask=kmask, other=0.0)
-                        k2 = tl.load(k_ptr + j[:, None] * skn + HALF + offs_h[None, :], mask=kmask, other=0.0)
+                        k1 = _load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                        k2 = _load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
                     kp = j + pos_off
                     dk = (kp // group - kp).to(tl.float32)
                     if FAST_TRIG:
@@ -176,45 +201,57 @@ if triton is not None:
                     g1 = a1.to(k1.dtype)
                     g2 = a2.to(k1.dtype)
                 if MODE == 1 or MODE == 3:
-                    if FP32:
-                        s_l = tl.dot(ql1, tl.trans(g1), input_precision="ieee")
-                        s_l += tl.dot(ql2, tl.trans(g2), input_precision="ieee")
-                    else:
-                        s_l = tl.dot(ql1, tl.trans(g1)) + tl.dot(ql2, tl.trans(g2))
+                    s_l = _scores(ql1, ql2, g1, g2, FP32)
                 if not CAUSAL:
                     if MODE == 2 or MODE == 3:
-                        if FP32:
-                            s_r = tl.dot(qr1, tl.trans(g1), input_precision="ieee")
-                            s_r += tl.dot(qr2, tl.trans(g2), input_precision="ieee")
-                        else:
-                            s_r = tl.dot(qr1, tl.trans(g1)) + tl.dot(qr2, tl.trans(g2))
-            dist = i_slot[:, None] - j[None, :]
+                        s_r = _scores(qr1, qr2, g1, g2, FP32)
             if MODE == 0:
                 s = s_n
             elif MODE == 1:
                 s = s_l
             elif MODE == 2:
                 s = s_r
-            else:
-                s = tl.where(dist >= window, s_l, s_n)
-                if not CAUSAL:
-                    s = tl.where(dist <= -window, s_r, s)
-            s = s * row_scale[:, None]
-            ok = jm[None, :]
-            if CAUSAL:
-                ok = ok & (dist >= 0)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
+            if MASKED:
+                dist = i_slot[:, None] - j[None, :]
+                if MODE == 3:
+                    s = tl.where(dist >= window, s_l, s_n)
+                    if not CAUSAL:
+                        s = tl.where(dist <= -window, s_r, s)
+                ok = jm[None, :]
+                if CAUSAL:
+                    ok = ok & (dist >= 0)
+                s = tl.where(ok, s, float("-inf"))
+            # scale > 0, so max(s)·scale = max(s·scale); s·scale − m is then one FMA per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+            m_use = m_new
+            if MASKED:  # a row may have seen no key yet
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + j[:, None] * svn + offs_v[None, :], mask=jm[:, None] & vmask[None, :], other=0.0)
+            v = _load_tile(v_ptr, j, svn, offs_v, jm, vmask, MASKED, DV != DV_P)
             if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, hi, visible,
+               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+               MODE: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr, HALF: tl.constexpr,
+               HALF_P: tl.constexpr, DV_P: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               FP32: tl.constexpr, FAST_TRIG: tl.constexpr):
+        """Keys ``[lo, hi)`` of one kind: whole tiles below ``visible`` (keys every row sees) unmasked, the rest
+        (a partial tile, the causal diagonal) masked."""
+        whole = lo + (tl.maximum(tl.minimum(hi, visible) - lo, 0) // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, whole,
+                               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                               MODE, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, False)
+        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, whole, hi,
+                               k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
+                               MODE, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True)
         return acc, m_i, l_i
 
     @triton.jit
@@ -287,21 +324,25 @@ if triton is not None:
         n_end = hi
         if not CAUSAL:
             n_end = tl.maximum(n_start, tl.minimum(hi, i_lo + window))
-        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end,
+        # keys every row of the block sees: causal, those up to the first query; bidirectional, all of them
+        visible = hi
+        if CAUSAL:
+            visible = i_lo + 1
+        acc, m_i, l_i = _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end, g_end,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                                1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
         acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                               3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-        acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, n_end,
+                               3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True)
+        acc, m_i, l_i = _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, n_end, visible,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                                0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
         if not CAUSAL:
             r_end = tl.maximum(n_end, tl.minimum(hi, i_hi + window))
             acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_end, r_end,
                                    k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
-            acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, r_end, hi,
+                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True)
+            acc, m_i, l_i = _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, r_end, hi, hi,
                                    k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                                    2, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
 

@@ -71,6 +71,7 @@ def check(B=2, Hq=4, Hkv=2, Q=37, KV=37, D=32, G=3, W=8, dtype=torch.float32, ca
     (17, 61, 32, 3, 8),  # chunked prefill: queries at an offset against a longer cache
     (1, 70, 64, 4, 8),  # decode, one query
     (5, 70, 32, 3, 8),  # decode, speculative-style short query
+    (150, 150, 64, 4, 40),  # several whole (unmasked) tiles in the grouped and the neighbour ranges, then tails
 ])
 def test_causal_grid(dtype, Q, KV, D, G, W):
     check(Q=Q, KV=KV, D=D, G=G, W=W, dtype=dtype)
@@ -91,6 +92,7 @@ def test_left_padding(Q, KV):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_bidirectional(pad, dtype):
     check(Q=40, KV=40, causal=False, pad=pad, dtype=dtype, W=6)
+    check(Q=120, KV=120, causal=False, pad=pad, dtype=dtype, W=37)  # whole tiles on both sides of the window
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (4, 1), (9, 3)])
