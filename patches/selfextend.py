@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -112,27 +112,43 @@ def _cache_layer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.pending[id(module)] = (layer, continues)
 
 
+def _same_positions(kept: torch.Tensor, now: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
+    """The kept keys' positions still hold on every valid slot (a padded slot's position is arbitrary and unused;
+    the count back from the last query gives it another value at every step)."""
+    if kept.shape != now.shape:
+        return False
+    if key_valid is None:
+        return torch.equal(kept, now)
+    valid = key_valid[:, :now.shape[1]]
+    return torch.equal(kept.masked_fill(~valid, 0), now.masked_fill(~valid, 0))
+
+
 def _cached_grouped_keys(layer: Any, continues: bool, key: torch.Tensor, k_pos: torch.Tensor, q_len: int,
-                         inv_freq: torch.Tensor, group_size: int) -> torch.Tensor:
+                         inv_freq: torch.Tensor, group_size: int, key_valid: torch.Tensor | None = None,
+                         rotate: Callable | None = None) -> torch.Tensor:
     """Grouped keys for all ``kv`` slots, reusing (and extending) those stored on the cache layer when the cache
-    only grew by this call's ``q_len`` keys at unchanged positions; recomputed otherwise."""
+    only grew by this call's ``q_len`` keys at unchanged positions of its valid (unpadded) slots; recomputed
+    otherwise. ``rotate(keys, start, out)`` writes the grouped keys of the slots from ``start`` into ``out``
+    (default: the torch path's)."""
+    if rotate is None:
+        def rotate(part: torch.Tensor, start: int, out: torch.Tensor) -> None:
+            out.copy_(grouped_keys(part, k_pos[:, start:], inv_freq, group_size))
     entry: _GroupedKeys | None = getattr(layer, _CACHE_ATTR, None)
     batch, hkv, kv_len, dim = key.shape
     old = kv_len - q_len
     tag = (group_size, inv_freq)
     if (continues and entry is not None and entry.tag[0] == group_size and entry.tag[1] is inv_freq
             and entry.length == old > 0 and entry.buffer.shape[:2] == (batch, hkv)
-            and entry.buffer.dtype == key.dtype and torch.equal(entry.k_pos, k_pos[:, :old])):
-        new = grouped_keys(key[:, :, old:], k_pos[:, old:], inv_freq, group_size)
+            and entry.buffer.dtype == key.dtype and _same_positions(entry.k_pos, k_pos[:, :old], key_valid)):
         if entry.buffer.shape[2] < kv_len:  # grow by a margin: one copy per 256+ decoding steps
             grown = key.new_empty(batch, hkv, kv_len + max(256, kv_len // 16), dim)
             grown[:, :, :old] = entry.buffer[:, :, :old]
             entry.buffer = grown
-        entry.buffer[:, :, old:kv_len] = new
+        rotate(key[:, :, old:], old, entry.buffer[:, :, old:kv_len])
         entry.k_pos = k_pos.clone()
     else:
         entry = _GroupedKeys(None, k_pos.clone(), key.new_empty(batch, hkv, kv_len + 256, dim), 0, tag)
-        entry.buffer[:, :, :kv_len] = grouped_keys(key, k_pos, inv_freq, group_size)
+        rotate(key, 0, entry.buffer[:, :, :kv_len])
     entry.length, entry.keys_ref = kv_len, weakref.ref(key)
     try:
         setattr(layer, _CACHE_ATTR, entry)
@@ -198,7 +214,8 @@ def selfextend_attention_forward(module, query, key, value, attention_mask, **kw
     if out is None:
         grouped = None
         if layer is not None and getattr(layer, "keys", None) is key:  # keys come from a KV cache: keep them rotated
-            grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size)
+            grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size,
+                                           key_valid)
         out = selfextend_attention(
             query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling,
             causal=causal, key_valid=key_valid, shift=state.shift, scale_base=state.scale_base, softcap=softcap,
@@ -221,12 +238,8 @@ def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling,
     if state.backend == "auto" and query.device.type != "cuda":
         return None
     why = kernel.supports(query, key, value, inv_freq, softcap)
-    grouped = None
     if why is None:
         q_len = query.shape[2]
-        if q_len > 16 and layer is not None and getattr(layer, "keys", None) is key:
-            # prefill / chunks against a cache: grouped keys kept on the cache layer, extended as it grows
-            grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size)
         shape = (query.shape[0], q_len, key.shape[2], query.device)
         last = state.layout
         if last is not None and last[2] == shape and all(_same(r, x) for r, x in zip(last[:2], sources)):
@@ -240,6 +253,15 @@ def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling,
             state.layout = (*refs, shape, layout, why)
         why = state.layout[4]
         if layout is not None:
+            grouped = None
+            if q_len > 16 and layer is not None and getattr(layer, "keys", None) is key:
+                # prefill / chunks against a cache: grouped keys kept on the cache layer, extended as it grows,
+                # rotated by the kernel's one-pass rotation (positions are slot + the layout's row offset)
+                def rotate(part, start, out, offset=layout[0]):
+                    kernel.grouped_keys_triton(part, offset + start, inv_freq, state.group_size, out=out)
+
+                grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size,
+                                               key_valid, rotate)
             return kernel.selfextend_attention_triton(
                 query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling, causal=causal,
                 key_valid=key_valid, shift=state.shift, scale_base=state.scale_base, grouped_key=grouped,

@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
     triton = None
     tl = None
 
-__all__ = ["available", "supports", "row_layout", "selfextend_attention_triton", "Unsupported", "HEAD_DIMS"]
+__all__ = ["available", "supports", "row_layout", "selfextend_attention_triton", "grouped_keys_triton", "Unsupported",
+           "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -380,6 +381,52 @@ if triton is not None:
         tl.store(OUT + b * sob + head * soh + t * som + offs_v, out.to(OUT.dtype.element_ty), mask=offs_v < DV)
 
 
+    @triton.jit
+    def _grouped_keys_fwd(K, KG, FREQ, POS_OFF, skb, skh, skn, sgb, sgh, sgn, hkv, kv_len, group,
+                          HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK: tl.constexpr):
+        """Keys rotated at ``slot + offset`` re-rotated to their grouped positions ``⌊p / G⌋``, one pass: the
+        angle ``(⌊p / G⌋ − p) · inv_freq`` in fp32, precise sin / cos, stored in the keys' dtype."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // hkv
+        h = pid_bh % hkv
+        j = pid_n * BLOCK + tl.arange(0, BLOCK)
+        offs_h = tl.arange(0, HALF_P)
+        hmask = offs_h < HALF
+        mask = (j < kv_len)[:, None] & hmask[None, :]
+        pos = j + tl.load(POS_OFF + b)
+        pos = tl.maximum(pos, 0)  # padded slots of a left-padded row: any position will do, keep it defined
+        angle = (pos // group - pos).to(tl.float32)[:, None] * tl.load(FREQ + offs_h, mask=hmask, other=0.0)[None, :]
+        src = K + b * skb + h * skh + j[:, None] * skn + offs_h[None, :]
+        k1 = tl.load(src, mask=mask, other=0.0)
+        k2 = tl.load(src + HALF, mask=mask, other=0.0)
+        g1, g2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), angle)
+        dst = KG + b * sgb + h * sgh + j[:, None] * sgn + offs_h[None, :]
+        tl.store(dst, g1.to(KG.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, g2.to(KG.dtype.element_ty), mask=mask)
+
+
+def grouped_keys_triton(key: torch.Tensor, offset: torch.Tensor, inv_freq: torch.Tensor, group_size: int,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """``key [B, Hkv, kv, D]`` (rotated at positions ``slot + offset[b]``) re-rotated to the grouped positions, as
+    :func:`longctx.kernels.selfextend_torch.grouped_keys` computes it, in one kernel pass (no cos / sin tables, no
+    fp32 copies, no device sync). ``out`` (same shape, may be a strided view) receives the result."""
+    batch, hkv, kv_len, dim = key.shape
+    if out is None:
+        out = torch.empty_like(key)
+    if kv_len == 0:
+        return out
+    freq = inv_freq.to(device=key.device, dtype=torch.float32).contiguous()
+    block = 16 if interpreted() else 64
+    half = dim // 2
+    _grouped_keys_fwd[(triton.cdiv(kv_len, block), batch * hkv)](
+        key, out, freq, offset.to(device=key.device, dtype=torch.int32), *key.stride()[:3], *out.stride()[:3],
+        hkv, kv_len, group_size, HALF=half, HALF_P=triton.next_power_of_2(max(16, half)), BLOCK=block,
+        num_warps=4,
+    )
+    return out
+
+
 def _tuned() -> bool:
     """Autotune the tile shapes on first use of a shape class (compiled GPUs only; ``LONGCTX_TRITON_TUNE=0`` takes
     the first configuration, as the test suite does to keep compile time down)."""
@@ -463,9 +510,7 @@ def selfextend_attention_triton(
     freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     pre_kg = not decode
     if pre_kg and grouped_key is None and group_size > 1:
-        from .selfextend_torch import grouped_keys
-
-        grouped_key = grouped_keys(key, k_pos, freq, group_size)
+        grouped_key = grouped_keys_triton(key, offset, freq, group_size)
     kg = grouped_key if grouped_key is not None else key
     rows = rep * q_len
     decode_m = 16 if interpreted() else max(16, min(64, triton.next_power_of_2(rows)))

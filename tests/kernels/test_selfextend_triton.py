@@ -134,3 +134,21 @@ def test_unsupported_calls_are_named():
         kernel.selfextend_attention_triton(q, k, v, q_pos, k_pos, inv, 2, 3, 0.2, key_valid=holes)
     with pytest.raises(kernel.Unsupported, match="contiguous"):
         kernel.selfextend_attention_triton(q, k, v, q_pos * 2, k_pos * 2, inv, 2, 3, 0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 80])
+def test_grouped_keys_kernel_matches_torch(dtype, D):
+    """The one-pass key rotation (prefill) equals the torch path's grouped keys: to fp32 rounding in fp32, to one
+    rounding step of the dtype otherwise; left-padded rows (positions from their first real key) included."""
+    from longctx.kernels.selfextend_torch import grouped_keys
+
+    _, k, _, _, k_pos, inv, valid = _inputs(2, 2, 3, 1, 75, D, dtype, pad=9)
+    offset, _, _ = kernel.row_layout(k_pos[:, -1:], k_pos, valid, 1, 75)
+    buffer = torch.zeros(2, 3, 90, D, device=DEVICE, dtype=dtype)  # a longer cache buffer: a strided view
+    got = kernel.grouped_keys_triton(k, offset, inv, 4, out=buffer[:, :, :75])
+    assert got.data_ptr() == buffer.data_ptr() and buffer[:, :, 75:].abs().sum() == 0
+    expected = grouped_keys(k, k_pos, inv, 4)
+    seen = valid[:, None, :, None]
+    tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps * 8
+    torch.testing.assert_close((got * seen).float(), (expected * seen).float(), atol=tol, rtol=tol)

@@ -263,6 +263,60 @@ def test_triton_backend_generates_what_the_torch_backend_does():
     torch.testing.assert_close(out["triton"][1][real], out["torch"][1][real], **TOL)
 
 
+
+def test_triton_chunked_prefill_extends_the_kept_grouped_keys():
+    """Prefill in two chunks (q_len > 16 each) against a cache, a left-padded row with positions counted from its
+    first real token (as ``generate`` does): the second chunk's grouped keys are rotated by the kernel's one-pass
+    rotation at the layout's row offsets and appended to those kept on the cache layer (padded slots' positions do
+    not force a recompute); the logits equal one-shot prefill on the torch path."""
+    pytest.importorskip("triton")
+    from transformers import DynamicCache
+
+    model = _gqa_llama()
+    ids = _ids(90, batch=2, seed=5).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="torch")
+    whole = _logits(model, ids, attention_mask=mask, position_ids=pos)
+    longctx.unpatch(model)
+    longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="triton")
+    cache = DynamicCache(config=model.config)
+    first = _logits(model, ids[:, :50], attention_mask=mask[:, :50], position_ids=pos[:, :50], past_key_values=cache,
+                    use_cache=True)
+    kept = cache.layers[0]._longctx_selfextend_grouped
+    second = _logits(model, ids[:, 50:], attention_mask=mask, position_ids=pos[:, 50:], past_key_values=cache,
+                     use_cache=True)
+    assert cache.layers[0]._longctx_selfextend_grouped is kept and kept.length == 90  # extended, not recomputed
+    longctx.unpatch(model)
+    real = mask.bool()[:, :, None].expand_as(whole)
+    torch.testing.assert_close(torch.cat([first, second], 1)[real], whole[real], **TOL)
+
+
+def test_torch_decode_of_a_left_padded_batch_extends_the_kept_grouped_keys():
+    """A decoding step appends one grouped key per row to those kept on the cache layer even when a row is
+    left-padded (its padded slots get another arbitrary position at every step); its logits equal recomputation."""
+    from transformers import DynamicCache
+
+    model = _gqa_llama()
+    ids = _ids(41, batch=2, seed=6).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    longctx.patch(model, "selfextend", group_size=4, window=8)
+    try:
+        whole = _logits(model, ids, attention_mask=mask, position_ids=pos)
+        cache = DynamicCache(config=model.config)
+        _logits(model, ids[:, :40], attention_mask=mask[:, :40], position_ids=pos[:, :40], past_key_values=cache,
+                use_cache=True)
+        kept = cache.layers[1]._longctx_selfextend_grouped
+        step = _logits(model, ids[:, 40:], attention_mask=mask, position_ids=pos[:, 40:], past_key_values=cache,
+                       use_cache=True)
+        assert cache.layers[1]._longctx_selfextend_grouped is kept and kept.length == 41
+        torch.testing.assert_close(step[:, -1], whole[:, -1], **TOL)
+    finally:
+        longctx.unpatch(model)
+
 def test_triton_backend_falls_back_with_a_warning_and_auto_stays_torch_on_cpu():
     pytest.importorskip("triton")
     model = build("llama").to(DEVICE)  # head dim 8: not a kernel shape
