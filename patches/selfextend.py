@@ -16,6 +16,7 @@ either side use grouped positions.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -192,6 +193,24 @@ def _positions(position_ids, key_valid, batch, q_len, kv_len, device):
     return q_pos, k_pos
 
 
+class _CallPositions:
+    """One attention call's valid keys (``[B, kv]`` or None) and ``(q_pos, k_pos)``, each computed on first use: the
+    Triton path needs them once per forward (its row layout is kept across layers), not once per layer."""
+
+    def __init__(self, mask, position_ids, batch: int, q_len: int, kv_len: int, device: torch.device) -> None:
+        self.mask, self.position_ids = mask, position_ids
+        self._shape = (batch, q_len, kv_len, device)
+
+    @functools.cached_property
+    def key_valid(self) -> torch.Tensor | None:
+        batch, _, kv_len, _ = self._shape
+        return _key_valid(self.mask, batch, kv_len)
+
+    @functools.cached_property
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _positions(self.position_ids, self.key_valid, *self._shape)
+
+
 def selfextend_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """``AttentionInterface`` entry: SelfExtend on extended full-attention layers, sdpa elsewhere."""
     state = _STATES.get(id(module.config))
@@ -199,9 +218,7 @@ def selfextend_attention_forward(module, query, key, value, attention_mask, **kw
     if state is None or layer_type not in state.inv_freq or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, _, q_len, dim = query.shape
-    kv_len = key.shape[2]
-    key_valid = _key_valid(attention_mask, batch, kv_len)
-    q_pos, k_pos = _positions(kwargs.get("position_ids"), key_valid, batch, q_len, kv_len, query.device)
+    call = _CallPositions(attention_mask, kwargs.get("position_ids"), batch, q_len, key.shape[2], query.device)
     scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or dim**-0.5
     inv_freq = state.inv_freq[layer_type]
     layer, continues = state.pending.pop(id(module), (None, False))
@@ -209,9 +226,11 @@ def selfextend_attention_forward(module, query, key, value, attention_mask, **kw
     softcap = kwargs.get("softcap")
     out = None
     if state.backend != "torch":
-        out = _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling, causal, key_valid,
-                                softcap, layer, continues, (kwargs.get("position_ids"), attention_mask))
+        out = _triton_attention(state, query, key, value, call, inv_freq, scaling, causal, softcap, layer,
+                                continues)
     if out is None:
+        key_valid = call.key_valid
+        q_pos, k_pos = call.positions
         grouped = None
         if layer is not None and getattr(layer, "keys", None) is key:  # keys come from a KV cache: keep them rotated
             grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size,
@@ -229,10 +248,10 @@ def _same(ref, obj) -> bool:
     return obj is None if ref is None else ref() is obj
 
 
-def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling, causal, key_valid, softcap,
-                      layer, continues, sources):
+def _triton_attention(state, query, key, value, call, inv_freq, scaling, causal, softcap, layer, continues):
     """The Triton kernel's output, or ``None`` when this call goes to the torch path (the reason is warned once
-    for ``attn_backend="triton"``; ``"auto"`` falls back quietly, as its patch note says)."""
+    for ``attn_backend="triton"``; ``"auto"`` falls back quietly, as its patch note says). Positions and the
+    valid keys are computed only when the row layout is not kept from an earlier layer of the same forward."""
     from longctx.kernels import selfextend_triton as kernel
 
     if state.backend == "auto" and query.device.type != "cuda":
@@ -242,11 +261,12 @@ def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling,
         q_len = query.shape[2]
         shape = (query.shape[0], q_len, key.shape[2], query.device)
         last = state.layout
+        sources = (call.position_ids, call.mask)
         if last is not None and last[2] == shape and all(_same(r, x) for r, x in zip(last[:2], sources)):
             layout = last[3]
         else:
             try:
-                layout = kernel.row_layout(q_pos, k_pos, key_valid, q_len, key.shape[2])
+                layout = kernel.row_layout(*call.positions, call.key_valid, q_len, key.shape[2])
             except kernel.Unsupported as e:
                 layout, why = None, str(e)
             refs = [weakref.ref(x) if x is not None else None for x in sources]  # weak: a mask can be large
@@ -260,12 +280,11 @@ def _triton_attention(state, query, key, value, q_pos, k_pos, inv_freq, scaling,
                 def rotate(part, start, out, offset=layout[0]):
                     kernel.grouped_keys_triton(part, offset + start, inv_freq, state.group_size, out=out)
 
-                grouped = _cached_grouped_keys(layer, continues, key, k_pos, q_len, inv_freq, state.group_size,
-                                               key_valid, rotate)
+                grouped = _cached_grouped_keys(layer, continues, key, call.positions[1], q_len, inv_freq,
+                                               state.group_size, call.key_valid, rotate)
             return kernel.selfextend_attention_triton(
-                query, key, value, q_pos, k_pos, inv_freq, state.group_size, state.window, scaling, causal=causal,
-                key_valid=key_valid, shift=state.shift, scale_base=state.scale_base, grouped_key=grouped,
-                layout=layout,
+                query, key, value, None, None, inv_freq, state.group_size, state.window, scaling, causal=causal,
+                shift=state.shift, scale_base=state.scale_base, grouped_key=grouped, layout=layout,
             )
     if state.backend == "triton" and why not in state.fallbacks:
         state.fallbacks.add(why)

@@ -27,6 +27,7 @@ causal (or bidirectional) flash attention, the fair baseline for its own speed.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -47,6 +48,25 @@ __all__ = ["available", "supports", "row_layout", "selfextend_attention_triton",
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a constexpr function: slower to call from Python)."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The next power of two ≥ ``n`` (host side)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def interpreted() -> bool:
@@ -419,9 +439,9 @@ def grouped_keys_triton(key: torch.Tensor, offset: torch.Tensor, inv_freq: torch
     freq = inv_freq.to(device=key.device, dtype=torch.float32).contiguous()
     block = 16 if interpreted() else 64
     half = dim // 2
-    _grouped_keys_fwd[(triton.cdiv(kv_len, block), batch * hkv)](
+    _grouped_keys_fwd[(_cdiv(kv_len, block), batch * hkv)](
         key, out, freq, offset.to(device=key.device, dtype=torch.int32), *key.stride()[:3], *out.stride()[:3],
-        hkv, kv_len, group_size, HALF=half, HALF_P=triton.next_power_of_2(max(16, half)), BLOCK=block,
+        hkv, kv_len, group_size, HALF=half, HALF_P=_pow2(max(16, half)), BLOCK=block,
         num_warps=4,
     )
     return out
@@ -473,8 +493,8 @@ def selfextend_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
     inv_freq: torch.Tensor,
     group_size: int,
     window: int,
@@ -495,7 +515,7 @@ def selfextend_attention_triton(
     (q ≤ 16) rotates keys inside the kernel. ``splits`` sets the number of KV chunks (default: enough programs to
     fill the GPU when the query is short, else 1). ``layout`` = (position offset, first valid key, end of valid keys)
     per row, from :func:`row_layout`, skips the checks (the layout's device sync and :func:`supports`): a caller
-    passing it has run them. Raises
+    passing it has run them, and ``q_pos`` / ``k_pos`` / ``key_valid`` are then not read (may be None). Raises
     :class:`Unsupported` for positions / padding the kernel does not take; :func:`supports` checks the rest.
     """
     if layout is None:  # a caller passing the layout has run these checks (the model integration does, once)
@@ -513,18 +533,18 @@ def selfextend_attention_triton(
         grouped_key = grouped_keys_triton(key, offset, freq, group_size)
     kg = grouped_key if grouped_key is not None else key
     rows = rep * q_len
-    decode_m = 16 if interpreted() else max(16, min(64, triton.next_power_of_2(rows)))
+    decode_m = 16 if interpreted() else max(16, min(64, _pow2(rows)))
     if splits is None:
         splits = 1
         if decode and not interpreted():
-            sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-            programs = batch * hkv * triton.cdiv(rows, decode_m)
-            splits = max(1, min(triton.cdiv(kv_len, 256), triton.cdiv(4 * sms, programs)))
-    chunk = triton.cdiv(triton.cdiv(kv_len, splits), CHUNK_ALIGN) * CHUNK_ALIGN
-    splits = triton.cdiv(kv_len, chunk)
+            sms = _sm_count(query.device)
+            programs = batch * hkv * _cdiv(rows, decode_m)
+            splits = max(1, min(_cdiv(kv_len, 256), _cdiv(4 * sms, programs)))
+    chunk = _cdiv(_cdiv(kv_len, splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    splits = _cdiv(kv_len, chunk)
     out = torch.empty(batch, q_len, hq, dv, device=query.device, dtype=query.dtype).transpose(1, 2)
     split = splits > 1
-    dv_p = triton.next_power_of_2(max(16, dv))
+    dv_p = _pow2(max(16, dv))
     if split:
         o_ws = torch.empty(batch * hq * q_len * splits, dv_p, device=query.device, dtype=torch.float32)
         lse_ws = torch.empty(batch * hq * q_len * splits, device=query.device, dtype=torch.float32)
@@ -537,18 +557,18 @@ def selfextend_attention_triton(
     extra = {"BLOCK_M": decode_m} if decode else {}
     launch = _launcher("decode" if decode else "prefill", small=fp32 or dim > 128)
     launch(
-        lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * hkv, splits),
+        lambda meta: (_cdiv(rows, meta["BLOCK_M"]), batch * hkv, splits),
         query, key, value, kg, freq, offset, lo, hi, out, o_ws, lse_ws,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *kg.stride()[:3], *out.stride()[:3],
         hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, selfextend_shift(group_size, window, shift),
         log_base_inv,
-        REP=rep, HALF=half, HALF_P=triton.next_power_of_2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal,
+        REP=rep, HALF=half, HALF_P=_pow2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal,
         PRE_KG=pre_kg, LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()),
         **extra,
     )
     if split:
         _merge_splits[(batch * hq * q_len,)](
             o_ws, lse_ws, out, *out.stride()[:3], hq, q_len, splits,
-            S_P=triton.next_power_of_2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4,
+            S_P=_pow2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4,
         )
     return out
