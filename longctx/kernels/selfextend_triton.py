@@ -66,6 +66,8 @@ def _sm_count_of(index: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # only while longctx.kernels.offline captures launches on CPU: an H100's count
+        return 132
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -437,13 +439,12 @@ def grouped_keys_triton(key: torch.Tensor, offset: torch.Tensor, inv_freq: torch
     if kv_len == 0:
         return out
     freq = inv_freq.to(device=key.device, dtype=torch.float32).contiguous()
-    block = 16 if interpreted() else 64
     half = dim // 2
-    _grouped_keys_fwd[(_cdiv(kv_len, block), batch * hkv)](
-        key, out, freq, offset.to(device=key.device, dtype=torch.int32), *key.stride()[:3], *out.stride()[:3],
-        hkv, kv_len, group_size, HALF=half, HALF_P=_pow2(max(16, half)), BLOCK=block,
-        num_warps=4,
-    )
+    block = 16 if interpreted() else (64 if half <= 64 else 16)  # precise sin / cos: keep the tile in registers
+    _launch(_grouped_keys_fwd, (_cdiv(kv_len, block), batch * hkv),
+            (key, out, freq, offset.to(device=key.device, dtype=torch.int32), *key.stride()[:3], *out.stride()[:3],
+             hkv, kv_len, group_size),
+            dict(HALF=half, HALF_P=_pow2(max(16, half)), BLOCK=block, num_warps=4))
     return out
 
 
@@ -453,40 +454,70 @@ def _tuned() -> bool:
     return not interpreted() and os.environ.get("LONGCTX_TRITON_TUNE", "1") != "0"
 
 
-# prefill: (BLOCK_M, BLOCK_N, warps, stages), the first is the untuned default; fp32 and head dim 256 take the
-# smaller tiles (register pressure: the query tile is held twice, plain and grouped)
-_PREFILL = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-_PREFILL_SMALL = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
+# prefill: (BLOCK_M, BLOCK_N, warps, stages), the first is the untuned default. Chosen from what the compiler
+# makes of them for sm_90 (``python -m longctx.kernels.offline``): each fits in shared memory without spilling.
+# Causal, bf16 / fp16, head dim ≤ 128: 128×128 tiles or 4 stages need 256 KiB of shared memory, 128×64 on 4 warps
+# spills. Bidirectional holds a third (mirrored) query tile: 128×64 on 3 stages needs 240 KiB, so 32-key tiles.
+_PREFILL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)]
+_PREFILL_BIDIRECTIONAL = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)]
+# head dim 256: larger tiles spill hundreds of bytes per thread (64×64 does not fit at all)
+_PREFILL_WIDE = [(32, 32, 4, 2), (64, 32, 4, 2)]
+# fp32 (exact products, no tensor cores): only 32×32 tiles stay in registers
+_PREFILL_FP32 = [(32, 32, 4, 2)]
 # decode: one configuration, no autotuner (its dispatch costs more than a step's kernel at short caches)
 _DECODE = (64, 4, 3)  # (BLOCK_N, warps, stages); BLOCK_M fits the rows
 CHUNK_ALIGN = 128  # split chunks are multiples of every BLOCK_N
 
 
-def _launcher(kind: str, small: bool = False):
-    """``launch(grid, *args, **meta)`` for ``kind`` ("prefill" / "decode"): prefill autotuned over its tile shapes
-    when tuning is on, decode with its one configuration; tiny tiles in the interpreter."""
-    key = (kind, small, _tuned(), interpreted())
-    if key not in _LAUNCHERS:
-        if interpreted():
-            fixed = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1} | ({} if kind == "decode" else {"BLOCK_M": 16})
-        elif kind == "decode":
-            fixed = dict(zip(("BLOCK_N", "num_warps", "num_stages"), _DECODE))
-        else:
-            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                       for m, n, w, st in (_PREFILL_SMALL if small else _PREFILL)]
-            fixed = None
-            if not _tuned():
-                m, n, w, st = (_PREFILL_SMALL if small else _PREFILL)[0]
-                fixed = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
-        if fixed is None:
-            tuned = triton.autotune(configs=configs, key=["HALF", "DV", "FP32", "CAUSAL", "REP"])(_selfextend_fwd)
-            _LAUNCHERS[key] = lambda grid, *args, **meta: tuned[grid](*args, **meta)
-        else:
-            _LAUNCHERS[key] = lambda grid, *args, **meta: _selfextend_fwd[grid](*args, **fixed, **meta)
-    return _LAUNCHERS[key]
+def _configs(kind: str, shapes: str = "") -> list[dict]:
+    """Launch configurations for ``kind`` ("prefill" / "decode"): prefill's tile shapes for its ``shapes`` class
+    ("", "bidirectional", "wide", "fp32"; autotuned over when there is more than one: tuning on a compiled GPU),
+    decode's one; tiny tiles in the interpreter."""
+    if interpreted():
+        return [{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1} | ({} if kind == "decode" else {"BLOCK_M": 16})]
+    if kind == "decode":
+        return [dict(zip(("BLOCK_N", "num_warps", "num_stages"), _DECODE))]
+    table = {"": _PREFILL, "bidirectional": _PREFILL_BIDIRECTIONAL, "wide": _PREFILL_WIDE, "fp32": _PREFILL_FP32}
+    return [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+            for m, n, w, st in (table[shapes] if _tuned() else table[shapes][:1])]
 
 
-_LAUNCHERS: dict = {}
+def _shape_class(fp32: bool, dim: int, causal: bool) -> str:
+    if fp32:
+        return "fp32"
+    if dim > 128:
+        return "wide"
+    return "" if causal else "bidirectional"
+
+
+def _launch_fwd(kind: str, shapes: str, grid, args: tuple, meta: dict) -> None:
+    """Launch the attention kernel for ``kind`` with its configuration(s) (see :func:`_configs`)."""
+    configs = _configs(kind, shapes)
+    if _CAPTURED is not None:
+        _CAPTURED.append((_selfextend_fwd, grid, args, meta, configs))
+        return
+    if len(configs) == 1:
+        _selfextend_fwd[grid](*args, **configs[0], **meta)
+        return
+    key = (kind, shapes)
+    if key not in _AUTOTUNED:
+        tune = [triton.Config({k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"],
+                              num_stages=c["num_stages"]) for c in configs]
+        _AUTOTUNED[key] = triton.autotune(configs=tune, key=["HALF", "DV", "FP32", "CAUSAL", "REP"])(_selfextend_fwd)
+    _AUTOTUNED[key][grid](*args, **meta)
+
+
+def _launch(kernel, grid, args: tuple, meta: dict) -> None:
+    """Launch a kernel with a fixed configuration (recorded instead while :mod:`longctx.kernels.offline` captures)."""
+    if _CAPTURED is not None:
+        _CAPTURED.append((kernel, grid, args, meta, [{}]))
+        return
+    kernel[grid](*args, **meta)
+
+
+_AUTOTUNED: dict = {}
+# set to a list by longctx.kernels.offline: launches are recorded (kernel, grid, args, meta, configs), not run
+_CAPTURED: list | None = None
 
 
 def selfextend_attention_triton(
@@ -555,20 +586,17 @@ def selfextend_attention_triton(
     win = window if group_size > 1 else kv_len + q_len + 1  # G = 1: every pair is a neighbour pair
     fp32 = query.dtype == torch.float32
     extra = {"BLOCK_M": decode_m} if decode else {}
-    launch = _launcher("decode" if decode else "prefill", small=fp32 or dim > 128)
-    launch(
+    _launch_fwd(
+        "decode" if decode else "prefill", _shape_class(fp32, dim, causal),
         lambda meta: (_cdiv(rows, meta["BLOCK_M"]), batch * hkv, splits),
-        query, key, value, kg, freq, offset, lo, hi, out, o_ws, lse_ws,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *kg.stride()[:3], *out.stride()[:3],
-        hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, selfextend_shift(group_size, window, shift),
-        log_base_inv,
-        REP=rep, HALF=half, HALF_P=_pow2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal,
-        PRE_KG=pre_kg, LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()),
-        **extra,
+        (query, key, value, kg, freq, offset, lo, hi, out, o_ws, lse_ws,
+         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *kg.stride()[:3], *out.stride()[:3],
+         hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, selfextend_shift(group_size, window, shift),
+         log_base_inv),
+        dict(REP=rep, HALF=half, HALF_P=_pow2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal, PRE_KG=pre_kg,
+             LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()), **extra),
     )
     if split:
-        _merge_splits[(batch * hq * q_len,)](
-            o_ws, lse_ws, out, *out.stride()[:3], hq, q_len, splits,
-            S_P=_pow2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4,
-        )
+        _launch(_merge_splits, (batch * hq * q_len,), (o_ws, lse_ws, out, *out.stride()[:3], hq, q_len, splits),
+                dict(S_P=_pow2(max(2, splits)), DV=dv, DV_P=dv_p, num_warps=4))
     return out

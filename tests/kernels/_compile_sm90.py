@@ -1,0 +1,71 @@
+"""Compiles the Triton kernels' launches for sm_90 (no GPU needed) and prints one JSON line per compiled launch; run
+by test_offline_compile.py in a process without TRITON_INTERPRET. ``--all`` compiles every autotuned configuration
+(else the first, the untuned default). A plain flash-attention kernel, compiled alike, is the yardstick for the
+instructions of the SelfExtend kernel's interior loops."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from longctx.kernels import offline
+
+
+@triton.jit
+def plain_flash_attention(Q, K, V, O, stride, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """The yardstick: causal-free flash attention's inner loop, nothing else (whole tiles, no masks)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D)
+    keys = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + rows[:, None] * stride + cols[None, :])
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, n, BLOCK_N):
+        j = start + keys
+        k = tl.load(K + j[:, None] * stride + cols[None, :])
+        s = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * 0.125)
+        p = tl.exp2(s * 0.125 - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + j[:, None] * stride + cols[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    tl.store(O + rows[:, None] * stride + cols[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
+
+
+CALLS = {  # name -> (q_len, kv_len, heads, kv heads, head dim, dtype, causal)
+    "prefill": (4096, 4096, 32, 8, 128, torch.bfloat16, True),
+    "prefill-gqa3-d64": (4096, 4096, 9, 3, 64, torch.bfloat16, True),
+    "bidirectional": (512, 512, 12, 12, 128, torch.float16, False),
+    "wide": (4096, 4096, 8, 8, 256, torch.bfloat16, True),
+    "fp32": (4096, 4096, 8, 8, 128, torch.float32, True),
+    "decode": (1, 32768, 32, 8, 128, torch.bfloat16, True),
+}
+
+
+def main() -> None:
+    every = "--all" in sys.argv
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(CALLS)
+    for name in names:
+        q_len, kv_len, heads, kv_heads, dim, dtype, causal = CALLS[name]
+        fn, args, kwargs = offline.example_call(q_len, kv_len, heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype,
+                                                causal=causal)
+        for r in offline.compile_call(fn, *args, all_configs=every, **kwargs):
+            print(json.dumps({"call": name, "kernel": r.kernel, "config": r.config, "registers": r.registers,
+                              "stack": r.stack, "shared": r.shared, "fits": r.fits, "cp_async": r.pipelined_loads,
+                              "wgmma": r.tensor_core_dots, "loops": r.loops}), flush=True)
+    if "--yardstick" in sys.argv:
+        x = torch.zeros(4096, 128, dtype=torch.bfloat16)
+        r = offline.compile_launch(plain_flash_attention, (x, x, x, x, 128, 4096), {"D": 128},
+                                   {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
+        print(json.dumps({"call": "yardstick", "kernel": r.kernel, "loops": r.loops, "cp_async": r.pipelined_loads}))
+
+
+if __name__ == "__main__":
+    main()
