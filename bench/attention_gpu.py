@@ -5,11 +5,15 @@ shape) and writes JSON. Sections (``--sections``):
 
 - ``prefill``: batch 1, 32 heads × 128, causal, W = 1024, G = 8 (G and W do not change the work), bf16 and fp16 at
   8k / 32k / 64k: SDPA's flash, efficient and cuDNN backends (the fastest is the reference), the kernel at G = 1
-  (plain flash attention: the fair baseline), the SelfExtend kernel (its call included: the grouped-key rotation, the
-  layout check), and longctx's torch path for SelfExtend where it fits. The kernel's output is compared with the
-  torch path's at 8k (max abs difference, same dtype).
+  (plain flash attention: the fair baseline), the SelfExtend kernel as a model layer calls it (the grouped-key
+  rotation included; the row layout kept from the forward's first layer) and as one whole call (``+layout``: the
+  layout check and its device sync too), and longctx's torch path for SelfExtend where it fits. The kernel's output
+  is compared with the torch path's at 8k (max abs difference, same dtype).
 - ``decode``: one query against a 32k and a 128k cache, GQA 32 / 8, bf16: SDPA (enable_gqa) vs the kernel
-  (split over the KV length, keys rotated in the kernel).
+  (split over the KV length, keys rotated in the kernel), each call timed alone (host overhead included), then
+  ``decode-graph``: the GPU time alone, each call captured in a CUDA graph (as serving engines run decode steps),
+  for SDPA, the kernel at G = 1 and the SelfExtend kernel under each of ``DECODE_CONFIGS`` (``default=True``
+  marks the one the kernel uses).
 - ``e2e``: a model with SmolLM2-135M's architecture (head dim 64, GQA 9 / 3, 30 layers, from its config with seeded
   weights), bf16: 32k-token prefill (``logits_to_keep=1``, as ``generate`` prefills) vanilla SDPA vs SelfExtend
   Triton vs SelfExtend torch; last-token logits and greedy generation of 16 tokens from a 32k prompt with the
@@ -24,6 +28,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -53,6 +58,29 @@ def bench(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def bench_graph(fn, reps: int = 50) -> float:
+    """GPU time per call, host overhead excluded: ``fn`` captured once in a CUDA graph (as serving engines run decode
+    steps), ``reps`` replays queued back to back between two events, mean ms per replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def report(section: str, n: int, dtype: str, backend: str, ms: float, ref: float | None, **extra) -> None:
     row = {"section": section, "n": n, "dtype": dtype, "backend": backend, "ms": round(ms, 4),
            "ratio": round(ms / ref, 3) if ref else None, **extra}
@@ -62,15 +90,18 @@ def report(section: str, n: int, dtype: str, backend: str, ms: float, ref: float
           + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
 
 
-def sdpa_backends(q, k, v, causal: bool, gqa: bool) -> dict[str, float]:
+SDPA = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION))
+
+
+def sdpa_backends(q, k, v, causal: bool, gqa: bool, timer=bench) -> dict[str, float]:
     out = {}
-    for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+    for name, backend in SDPA:
         try:
             with sdpa_kernel(backend):
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # noqa: E731
-                out[name] = bench(fn)
-        except RuntimeError as e:  # a backend that does not take this shape / dtype
+                out[name] = timer(fn)
+        except RuntimeError as e:  # a backend that does not take this shape / dtype (or a CUDA graph)
             print(f"  ({name} unavailable: {str(e).splitlines()[0][:100]})")
     return out
 
@@ -87,9 +118,12 @@ def prefill(lengths, dtypes, heads=32, dim=128, window=1024, group=8):
             ref = min(found.values())
             for backend, ms in found.items():
                 report("prefill", n, name, backend, ms, ref)
-            se = lambda G: kernel.selfextend_attention_triton(q, k, v, pos, pos, inv, G, window, dim**-0.5)  # noqa
-            report("prefill", n, name, "triton G=1 (plain)", bench(lambda: se(1)), ref)
-            report("prefill", n, name, f"triton selfextend G={group}", bench(lambda: se(group)), ref)
+            layout = kernel.row_layout(pos, pos, None, n, n)  # a model computes it once per forward, not per layer
+            se = lambda G, **kw: kernel.selfextend_attention_triton(q, k, v, pos, pos, inv, G, window,  # noqa: E731
+                                                                     dim**-0.5, **kw)
+            report("prefill", n, name, "triton G=1 (plain)", bench(lambda: se(1, layout=layout)), ref)
+            report("prefill", n, name, f"triton selfextend G={group}", bench(lambda: se(group, layout=layout)), ref)
+            report("prefill", n, name, f"triton selfextend G={group} +layout", bench(lambda: se(group)), ref)
             if n <= 32768:
                 torch_se = lambda: selfextend_attention(q, k, v, pos, pos, inv, group, window, dim**-0.5)  # noqa
                 report("prefill", n, name, "torch selfextend", bench(torch_se, reps=3), ref)
@@ -100,6 +134,10 @@ def prefill(lengths, dtypes, heads=32, dim=128, window=1024, group=8):
                          ).abs().max().item()
                 report("check", n, name, "max|triton - torch|", 0.0, None, selfextend=diff, plain=plain)
             torch.cuda.empty_cache()
+
+
+# (BLOCK_N, warps, stages) tried for decode; each fits in shared memory without spilling on sm_90
+DECODE_CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 2), (128, 8, 2)]
 
 
 def decode(caches, dtype=torch.bfloat16, hq=32, hkv=8, dim=128, window=1024, group=8):
@@ -130,6 +168,18 @@ def decode(caches, dtype=torch.bfloat16, hq=32, hkv=8, dim=128, window=1024, gro
         report("decode", n, name, "torch selfextend", bench(torch_se, reps=20), ref)
         diff = (se(group).float() - torch_se().float()).abs().max().item()
         report("check", n, name, "decode max|triton - torch|", 0.0, None, selfextend=diff)
+        # GPU time alone (CUDA graphs, as serving engines run decode steps): the same kernels, no host overhead
+        graphed = sdpa_backends(q, k, v, False, True, timer=bench_graph)
+        ref = min(graphed.values()) if graphed else None
+        for backend, ms in graphed.items():
+            report("decode-graph", n, name, backend, ms, ref)
+        report("decode-graph", n, name, "triton G=1 (plain)", bench_graph(lambda: se(1)), ref)
+        default = kernel._DECODE
+        for config in DECODE_CONFIGS:  # the one decode configuration is picked from these
+            kernel._DECODE = config
+            report("decode-graph", n, name, f"triton selfextend G={group} N{config[0]} w{config[1]} s{config[2]}",
+                   bench_graph(lambda: se(group)), ref, default=config == default)
+        kernel._DECODE = default
 
 
 def smollm2_architecture(dtype):
@@ -205,23 +255,30 @@ def main() -> None:
         raise SystemExit("bench/attention_gpu.py needs a CUDA GPU")
     device = torch.cuda.get_device_name()
     print(f"device: {device}; torch {torch.__version__}; triton {kernel.triton.__version__}", flush=True)
-    sections = args.sections.split(",")
+    run = {
+        "prefill": lambda: prefill([int(x) for x in args.lengths.split(",")], [torch.bfloat16, torch.float16]),
+        "decode": lambda: decode([int(x) for x in args.caches.split(",")]),
+        "e2e": e2e,
+        "generate-fp32": generation_fp32,
+    }
     started = time.time()
-    try:
-        if "prefill" in sections:
-            prefill([int(x) for x in args.lengths.split(",")], [torch.bfloat16, torch.float16])
-        if "decode" in sections:
-            decode([int(x) for x in args.caches.split(",")])
-        if "e2e" in sections:
-            e2e()
-        if "generate-fp32" in sections:
-            generation_fp32()
-    finally:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                        "triton": kernel.triton.__version__, "rows": ROWS,
-                                        "seconds": round(time.time() - started, 1)}, indent=1))
-        print(f"wrote {args.out}")
+    failed = []
+    for section in args.sections.split(","):
+        try:  # a section that fails is reported; the others still run (device time is scarce)
+            run[section]()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            failed.append(section)
+            report("failed", 0, "-", section, 0.0, None)
+        finally:  # written after every section: a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                            "triton": kernel.triton.__version__, "rows": ROWS,
+                                            "seconds": round(time.time() - started, 1)}, indent=1))
+            torch.cuda.empty_cache()
+    print(f"wrote {args.out}" + (f"; failed sections: {failed}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
