@@ -286,7 +286,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr,
         LOG_SCALE: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, FAST_TRIG: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        # row blocks last to first: causal blocks further down see more keys, so the heaviest are dispatched first
+        # and the grid's last wave is light (the blocks of one KV head still run together and share its K / V in L2)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
         splits = tl.num_programs(2)
