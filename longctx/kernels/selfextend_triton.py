@@ -13,11 +13,14 @@ How the work is laid out:
 - **Three kinds of key tiles** per row block of query slots ``[i_lo, i_hi]``: keys at distance ≥ W from every query
   of the block are *grouped* (grouped query × grouped key), keys within W of every query are *neighbours* (plain q·k),
   only the band between computes both and picks per pair. The band is about ``BLOCK_M / rep + W mod BLOCK_N`` keys
-  wide, so the work is vanilla flash attention plus one or two extra tiles per row block.
+  wide, so the work is vanilla flash attention plus one or two extra tiles per row block. Whole tiles of keys that
+  every row sees run unmasked (no per-score predicate: the loop is plain flash attention's); only partial tiles, the
+  causal diagonal and the band pay for masks.
 - **Rotations, in fp32 from inv_freq.** The query tile is rotated to its grouped position once per program (and to
   the mirror position for bidirectional attention). Grouped keys depend on their own position only: in prefill
-  (compute-bound) they are rotated once per call into one K-sized buffer (or supplied by the caller); in decode
-  (memory-bound) the kernel rotates each loaded key tile itself, which costs no extra memory traffic.
+  (compute-bound) they are rotated once per call into one K-sized buffer by a one-pass kernel (or supplied by the
+  caller); in decode (memory-bound) the kernel rotates each loaded key tile itself, which costs no extra memory
+  traffic.
 - **Decode splits the KV length** (flash-decoding): each program takes a chunk of keys and writes a partial output
   and its log-sum-exp; a second small kernel merges the chunks. Softmax statistics and accumulation are fp32.
 
@@ -403,7 +406,6 @@ if triton is not None:
         total = tl.sum(w, 0)
         out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
         tl.store(OUT + b * sob + head * soh + t * som + offs_v, out.to(OUT.dtype.element_ty), mask=offs_v < DV)
-
 
     @triton.jit
     def _grouped_keys_fwd(K, KG, FREQ, POS_OFF, skb, skh, skn, sgb, sgh, sgn, hkv, kv_len, group,
