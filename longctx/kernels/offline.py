@@ -50,6 +50,7 @@ class Compiled:
     pipelined_loads: int  # loads turned into cp.async copies by the software pipeliner
     tensor_core_dots: int  # wgmma (Hopper) dot operations
     loops: list[int] = field(default_factory=list)  # SASS instructions per iteration of each loop (≥ 40 long)
+    dot_waits: list[int] = field(default_factory=list)  # waits for tensor-core results per iteration, per loop
     seconds: float = 0.0
     asm: dict = field(default_factory=dict, repr=False)
 
@@ -57,7 +58,7 @@ class Compiled:
         cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
         return (f"{self.kernel:<18} {cfg:<52} regs {self.registers} stack {self.stack} smem {self.shared // 1024} KiB"
                 f"{'' if self.fits else ' (too much)'} cp.async {self.pipelined_loads} wgmma {self.tensor_core_dots}"
-                f" loops {self.loops}")
+                f" loops {self.loops} waits {self.dot_waits}")
 
 
 @contextlib.contextmanager
@@ -187,6 +188,7 @@ def compile_launch(kernel, args: tuple, meta: dict, config: dict, arch: int = 90
         fits=shared <= SMEM_LIMIT.get(arch, SMEM_LIMIT[90]),
         pipelined_loads=ttgir.count("async_copy_global_to_local"), tensor_core_dots=ttgir.count("warp_group_dot "),
         loops=loop_sizes(cubin) if cubin else [], seconds=round(seconds, 2), asm=dict(compiled.asm),
+        dot_waits=[body.split("scf.yield")[0].count("warp_group_dot_wait") for body in ttgir.split("scf.for")[1:]],
     )
 
 

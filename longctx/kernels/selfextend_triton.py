@@ -176,24 +176,43 @@ if triton is not None:
         return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=other)
 
     @triton.jit
-    def _scores(a1, a2, b1, b2, FP32: tl.constexpr):
-        """``a · bᵀ`` over both halves of the head dim (fp32 accumulation; exact fp32 products for fp32 inputs)."""
+    def _dot_t(a, b, acc, FP32: tl.constexpr):
+        """``acc + a · bᵀ``, fp32 accumulation (exact fp32 products for fp32 inputs)."""
         if FP32:
-            s = tl.dot(a1, tl.trans(b1), input_precision="ieee")
-            s = tl.dot(a2, tl.trans(b2), s, input_precision="ieee")
-        else:
-            s = tl.dot(a1, tl.trans(b1))
-            s = tl.dot(a2, tl.trans(b2), s)
-        return s
+            return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        return tl.dot(a, tl.trans(b), acc)
+
+    @triton.jit
+    def _scores(a1, a2, b1, b2, FP32: tl.constexpr):
+        """``a · bᵀ`` over both halves of the head dim (decode: keys rotated here come in halves)."""
+        return _dot_t(a2, b2, _dot_t(a1, b1, None, FP32), FP32)
+
+    @triton.jit
+    def _cat_halves(a, b, ROWS: tl.constexpr, HALF_P: tl.constexpr):
+        """``[a | b]``: two ``[ROWS, HALF_P]`` halves as one tile (prefill: one product over the whole head dim per
+        key tile, a single tensor-core chain instead of two with a wait between)."""
+        return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, 2 * HALF_P))
+
+    @triton.jit
+    def _whole_cols(HALF: tl.constexpr, HALF_P: tl.constexpr):
+        """Source columns of a whole-head-dim tile laid out as ``[first half | second half]``, each padded to
+        ``HALF_P`` (the layout :func:`_cat_halves` gives queries), and which are real."""
+        c = tl.arange(0, 2 * HALF_P)
+        if HALF == HALF_P:
+            return c, c < 2 * HALF
+        return (c // HALF_P) * HALF + c % HALF_P, c % HALF_P < HALF
 
     @triton.jit
     def _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, hi,
                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                MODE: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr, HALF: tl.constexpr,
                HALF_P: tl.constexpr, DV_P: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               FP32: tl.constexpr, FAST_TRIG: tl.constexpr, MASKED: tl.constexpr):
+               FP32: tl.constexpr, FAST_TRIG: tl.constexpr, MASKED: tl.constexpr, WHOLE: tl.constexpr):
         """Online softmax over key tiles ``[lo, hi)``. MODE 0: neighbour scores only; 1: grouped (left) only;
         2: grouped mirror (right, bidirectional) only; 3: the band — every score kind needed, picked per pair.
+        ``WHOLE`` (causal prefill in fp16 / bf16, head dim ≤ 128): ``q1`` / ``ql1`` are whole-head-dim query tiles
+        (``q2`` / ``ql2`` unused) and each score is one product over the whole head dim; otherwise scores are summed
+        over the two halves, and decode (not ``PRE_KG``) rotates each key tile to its grouped positions here.
 
         ``MASKED=False`` is the interior: every tile is whole (``hi − lo`` a multiple of ``BLOCK_N``) and every key
         visible to every row, so no predicate is computed — the loop is plain flash attention's (scale and max
@@ -203,34 +222,44 @@ if triton is not None:
         offs_v = tl.arange(0, DV_P)
         hmask = offs_h < HALF
         vmask = offs_v < DV
+        cols, cmask = _whole_cols(HALF, HALF_P)
         for start in range(lo, hi, BLOCK_N):
             j = start + offs_n
             jm = j < hi
             if MODE == 0 or MODE == 3:
-                k1 = _load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
-                k2 = _load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
-                s_n = _scores(q1, q2, k1, k2, FP32)
+                if WHOLE:
+                    k = _load_tile(k_ptr, j, skn, cols, jm, cmask, MASKED, HALF != HALF_P)
+                    s_n = _dot_t(q1, k, None, FP32)
+                else:
+                    k1 = _load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                    k2 = _load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                    s_n = _scores(q1, q2, k1, k2, FP32)
             if MODE != 0:
-                if PRE_KG:
-                    g1 = _load_tile(g_ptr, j, sgn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
-                    g2 = _load_tile(g_ptr + HALF, j, sgn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
-                else:  # rotate the key tile to its grouped positions here: decode is memory-bound
-                    if MODE != 3:
-                        k1 = _load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
-                        k2 = _load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
-                    kp = j + pos_off
-                    dk = (kp // group - kp).to(tl.float32)
-                    if FAST_TRIG:
-                        a1, a2 = _rotate_fast(k1.to(tl.float32), k2.to(tl.float32), dk[:, None] * freq[None, :])
-                    else:
-                        a1, a2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), dk[:, None] * freq[None, :])
-                    g1 = a1.to(k1.dtype)
-                    g2 = a2.to(k1.dtype)
-                if MODE == 1 or MODE == 3:
-                    s_l = _scores(ql1, ql2, g1, g2, FP32)
-                if not CAUSAL:
-                    if MODE == 2 or MODE == 3:
-                        s_r = _scores(qr1, qr2, g1, g2, FP32)
+                if WHOLE:
+                    g = _load_tile(g_ptr, j, sgn, cols, jm, cmask, MASKED, HALF != HALF_P)
+                    if MODE == 1 or MODE == 3:
+                        s_l = _dot_t(ql1, g, None, FP32)
+                else:
+                    if PRE_KG:
+                        g1 = _load_tile(g_ptr, j, sgn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                        g2 = _load_tile(g_ptr + HALF, j, sgn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                    else:  # rotate the key tile to its grouped positions here: decode is memory-bound
+                        if MODE != 3:
+                            k1 = _load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                            k2 = _load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+                        kp = j + pos_off
+                        dk = (kp // group - kp).to(tl.float32)
+                        if FAST_TRIG:
+                            a1, a2 = _rotate_fast(k1.to(tl.float32), k2.to(tl.float32), dk[:, None] * freq[None, :])
+                        else:
+                            a1, a2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), dk[:, None] * freq[None, :])
+                        g1 = a1.to(k1.dtype)
+                        g2 = a2.to(k1.dtype)
+                    if MODE == 1 or MODE == 3:
+                        s_l = _scores(ql1, ql2, g1, g2, FP32)
+                    if not CAUSAL:
+                        if MODE == 2 or MODE == 3:
+                            s_r = _scores(qr1, qr2, g1, g2, FP32)
             if MODE == 0:
                 s = s_n
             elif MODE == 1:
@@ -268,16 +297,16 @@ if triton is not None:
                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                MODE: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr, HALF: tl.constexpr,
                HALF_P: tl.constexpr, DV_P: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               FP32: tl.constexpr, FAST_TRIG: tl.constexpr):
+               FP32: tl.constexpr, FAST_TRIG: tl.constexpr, WHOLE: tl.constexpr):
         """Keys ``[lo, hi)`` of one kind: whole tiles below ``visible`` (keys every row sees) unmasked, the rest
         (a partial tile, the causal diagonal) masked."""
         whole = lo + (tl.maximum(tl.minimum(hi, visible) - lo, 0) // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, whole,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                               MODE, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, False)
+                               MODE, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, False, WHOLE)
         acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, whole, hi,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                               MODE, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True)
+                               MODE, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True, WHOLE)
         return acc, m_i, l_i
 
     @triton.jit
@@ -288,6 +317,7 @@ if triton is not None:
         REP: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr,
         LOG_SCALE: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, FAST_TRIG: tl.constexpr,
+        WHOLE: tl.constexpr,
     ):
         # row blocks last to first: causal blocks further down see more keys, so the heaviest are dispatched first
         # and the grid's last wave is light (the blocks of one KV head still run together and share its K / V in L2)
@@ -326,6 +356,9 @@ if triton is not None:
             r1, r2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), (base - shift)[:, None] * freq[None, :])
             qr1 = r1.to(q1.dtype)
             qr2 = r2.to(q1.dtype)
+        if WHOLE:  # whole-head-dim query tiles: one tensor-core chain per score tile, no wait between halves
+            q1 = _cat_halves(q1, q2, BLOCK_M, HALF_P)
+            ql1 = _cat_halves(ql1, ql2, BLOCK_M, HALF_P)
         row_scale = tl.zeros((BLOCK_M,), tl.float32) + qk_scale
         if LOG_SCALE:  # LongLM's max(1, ln(p + 1) / ln(scale_base)) on the query
             row_scale = row_scale * tl.maximum(tl.log(pos.to(tl.float32) + 1.0) * log_base_inv, 1.0)
@@ -358,21 +391,21 @@ if triton is not None:
             visible = i_lo + 1
         acc, m_i, l_i = _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, g_end, g_end,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                               1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+                               1, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, WHOLE)
         acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, g_end, n_start,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                               3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True)
+                               3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True, WHOLE)
         acc, m_i, l_i = _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_start, n_end, visible,
                                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                               0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+                               0, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, WHOLE)
         if not CAUSAL:
             r_end = tl.maximum(n_end, tl.minimum(hi, i_hi + window))
             acc, m_i, l_i = _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, n_end, r_end,
                                    k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True)
+                                   3, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, True, WHOLE)
             acc, m_i, l_i = _stage(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, r_end, hi, hi,
                                    k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
-                                   2, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG)
+                                   2, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, WHOLE)
 
         offs_v = tl.arange(0, DV_P)
         vmask = offs_v < DV
@@ -598,7 +631,8 @@ def selfextend_attention_triton(
          hkv, q_len, kv_len, chunk, scaling * LOG2E, group_size, win, selfextend_shift(group_size, window, shift),
          log_base_inv),
         dict(REP=rep, HALF=half, HALF_P=_pow2(max(16, half)), DV=dv, DV_P=dv_p, CAUSAL=causal, PRE_KG=pre_kg,
-             LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()), **extra),
+             LOG_SCALE=bool(scale_base), SPLIT=split, FP32=fp32, FAST_TRIG=not (fp32 or interpreted()),
+             WHOLE=pre_kg and causal and not fp32 and dim <= 128, **extra),
     )
     if split:
         _launch(_merge_splits, (batch * hq * q_len,), (o_ws, lse_ws, out, *out.stride()[:3], hq, q_len, splits),

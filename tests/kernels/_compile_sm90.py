@@ -59,7 +59,8 @@ def main() -> None:
         for r in offline.compile_call(fn, *args, all_configs=every, **kwargs):
             print(json.dumps({"call": name, "kernel": r.kernel, "config": r.config, "registers": r.registers,
                               "stack": r.stack, "shared": r.shared, "fits": r.fits, "cp_async": r.pipelined_loads,
-                              "wgmma": r.tensor_core_dots, "loops": r.loops}), flush=True)
+                              "wgmma": r.tensor_core_dots, "loops": r.loops,
+                              "dot_waits": r.dot_waits}), flush=True)
     if "--yardstick" in sys.argv:
         x = torch.zeros(4096, 128, dtype=torch.bfloat16)
         r = offline.compile_launch(plain_flash_attention, (x, x, x, x, 128, 4096), {"D": 128},

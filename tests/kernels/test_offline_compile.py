@@ -64,6 +64,18 @@ def test_interior_key_loop_is_as_lean_as_plain_flash_attention(defaults):
     assert max(prefill["loops"]) > 1.4 * yardstick  # the band, which computes both score kinds, is the long one
 
 
+def test_causal_prefill_scores_are_one_tensor_core_chain(defaults):
+    """Causal fp16 / bf16 prefill scores a key tile with one product over the whole head dim: each iteration of the
+    interior loops waits once for the tensor cores (products over the two halves chained through the accumulator
+    wait in between). Decode and the bidirectional kernel keep the halves (decode rotates keys by halves; three
+    whole query tiles would spill)."""
+    for call in ("prefill", "prefill-gqa3-d64"):
+        attention = next(r for r in defaults if r["call"] == call and r["kernel"] == "_selfextend_fwd")
+        assert len(attention["dot_waits"]) == 5, attention  # grouped, its tail, the band, neighbours, their tail
+        assert min(attention["dot_waits"]) == 1, attention
+        assert attention["dot_waits"][0] == attention["dot_waits"][3] == 1, attention  # the two interiors
+
+
 @pytest.mark.slow
 def test_every_autotuned_configuration_fits():
     for r in _compile("--all", "prefill", "bidirectional", "wide", "fp32"):
