@@ -198,9 +198,10 @@ if triton is not None:
         """Source columns of a whole-head-dim tile laid out as ``[first half | second half]``, each padded to
         ``HALF_P`` (the layout :func:`_cat_halves` gives queries), and which are real."""
         c = tl.arange(0, 2 * HALF_P)
-        if HALF == HALF_P:
-            return c, c < 2 * HALF
-        return (c // HALF_P) * HALF + c % HALF_P, c % HALF_P < HALF
+        src = c
+        if HALF != HALF_P:
+            src = (c // HALF_P) * HALF + c % HALF_P
+        return src, c % HALF_P < HALF
 
     @triton.jit
     def _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, hi,
