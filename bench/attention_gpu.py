@@ -19,7 +19,7 @@ shape) and writes JSON. Sections (``--sections``):
   Triton vs SelfExtend torch; last-token logits and greedy generation of 16 tokens from a 32k prompt with the
   torch and Triton backends (``generate-fp32``: the same in fp32).
 
-    python bench/attention_gpu.py --out results/attention_gpu.json   # about 3-4 minutes on an H100 / H200
+    python bench/attention_gpu.py --out results/attention_gpu.json   # about 4-6 minutes on an H100 / H200
 """
 
 from __future__ import annotations
