@@ -79,7 +79,7 @@ _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
 
 def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) as Triton's JIT specialises a launch with these arguments."""
-    params = [p for p in kernel.params]
+    params = list(kernel.params)
     runtime = [p for p in params if not p.is_constexpr]
     if len(runtime) != len(args):
         raise ValueError(f"{kernel.__name__}: {len(args)} arguments for {len(runtime)} runtime parameters")
