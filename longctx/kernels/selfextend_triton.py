@@ -69,7 +69,7 @@ def _sm_count_of(index: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # only while longctx.kernels.offline captures launches on CPU: an H100's count
+    if _CAPTURED is not None:  # longctx.kernels.offline records the launches of CPU tensors: an H100 SXM's count
         return 132
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
