@@ -76,6 +76,17 @@ def test_causal_prefill_scores_are_one_tensor_core_chain(defaults):
         assert attention["dot_waits"][0] == attention["dot_waits"][3] == 1, attention  # the two interiors
 
 
+def test_capturing_under_the_interpreter_is_refused(monkeypatch):
+    """The interpreter replaces compiled kernels: the tool says so instead of compiling nothing."""
+    from longctx.kernels import offline, selfextend_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        with offline.captured():
+            pass
+    assert selfextend_triton._CAPTURED is None
+
+
 @pytest.mark.slow
 def test_every_autotuned_configuration_fits():
     for r in _compile("--all", "prefill", "bidirectional", "wide", "fp32"):
