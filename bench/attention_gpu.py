@@ -174,12 +174,12 @@ def decode(caches, dtype=torch.bfloat16, hq=32, hkv=8, dim=128, window=1024, gro
         for backend, ms in graphed.items():
             report("decode-graph", n, name, backend, ms, ref)
         report("decode-graph", n, name, "triton G=1 (plain)", bench_graph(lambda: se(1)), ref)
-        default = kernel._DECODE
+        default = kernel._DECODE[""]  # bf16 / fp16, head dim <= 128
         for config in DECODE_CONFIGS:  # the one decode configuration is picked from these
-            kernel._DECODE = config
+            kernel._DECODE[""] = config
             report("decode-graph", n, name, f"triton selfextend G={group} N{config[0]} w{config[1]} s{config[2]}",
                    bench_graph(lambda: se(group)), ref, default=config == default)
-        kernel._DECODE = default
+        kernel._DECODE[""] = default
 
 
 def smollm2_architecture(dtype):

@@ -500,29 +500,36 @@ _PREFILL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)]
 _PREFILL_BIDIRECTIONAL = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)]
 # head dim 256: larger tiles spill hundreds of bytes per thread (64×64 does not fit at all)
 _PREFILL_WIDE = [(32, 32, 4, 2), (64, 32, 4, 2)]
-# fp32 (exact products, no tensor cores): only 32×32 tiles stay in registers
-_PREFILL_FP32 = [(32, 32, 4, 2)]
-# decode: one configuration, no autotuner (its dispatch costs more than a step's kernel at short caches)
-_DECODE = (64, 4, 3)  # (BLOCK_N, warps, stages); BLOCK_M fits the rows
+# fp32 (exact products, no tensor cores): 32×32 tiles on 8 warps stay in registers (on 4 warps triton 3.6 spills
+# 72 bytes per thread); at head dim 256 only 16-row tiles do (32×32 spilled 3.5 KiB per thread)
+_PREFILL_FP32 = [(32, 32, 8, 2)]
+_PREFILL_FP32_WIDE = [(16, 32, 8, 2)]
+# decode: one configuration per shape class, no autotuner (its dispatch costs more than a step's kernel at short
+# caches); (BLOCK_N, warps, stages), BLOCK_M fits the rows. 64-key tiles on 4 warps and 3 stages spill at head dim
+# 256 and in fp32 (3 KiB per thread at head dim 128), and fp32 at head dim 256 needs 352 KiB of shared memory there
+# (does not launch: found on an H200 with triton 3.6)
+_DECODE = {"": (64, 4, 3), "bidirectional": (64, 4, 3), "wide": (64, 8, 2), "fp32": (32, 8, 2),
+           "fp32-wide": (16, 8, 2)}
 CHUNK_ALIGN = 128  # split chunks are multiples of every BLOCK_N
 
 
 def _configs(kind: str, shapes: str = "") -> list[dict]:
-    """Launch configurations for ``kind`` ("prefill" / "decode"): prefill's tile shapes for its ``shapes`` class
-    ("", "bidirectional", "wide", "fp32"; autotuned over when there is more than one: tuning on a compiled GPU),
-    decode's one; tiny tiles in the interpreter."""
+    """Launch configurations for ``kind`` ("prefill" / "decode") and ``shapes`` class ("", "bidirectional",
+    "wide", "fp32", "fp32-wide"): prefill's tile shapes (autotuned over when there is more than one: tuning on a
+    compiled GPU), decode's one; tiny tiles in the interpreter."""
     if interpreted():
         return [{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1} | ({} if kind == "decode" else {"BLOCK_M": 16})]
     if kind == "decode":
-        return [dict(zip(("BLOCK_N", "num_warps", "num_stages"), _DECODE))]
-    table = {"": _PREFILL, "bidirectional": _PREFILL_BIDIRECTIONAL, "wide": _PREFILL_WIDE, "fp32": _PREFILL_FP32}
+        return [dict(zip(("BLOCK_N", "num_warps", "num_stages"), _DECODE[shapes]))]
+    table = {"": _PREFILL, "bidirectional": _PREFILL_BIDIRECTIONAL, "wide": _PREFILL_WIDE, "fp32": _PREFILL_FP32,
+             "fp32-wide": _PREFILL_FP32_WIDE}
     return [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
             for m, n, w, st in (table[shapes] if _tuned() else table[shapes][:1])]
 
 
 def _shape_class(fp32: bool, dim: int, causal: bool) -> str:
     if fp32:
-        return "fp32"
+        return "fp32-wide" if dim > 128 else "fp32"
     if dim > 128:
         return "wide"
     return "" if causal else "bidirectional"

@@ -45,7 +45,11 @@ CALLS = {  # name -> (q_len, kv_len, heads, kv heads, head dim, dtype, causal)
     "bidirectional": (512, 512, 12, 12, 128, torch.float16, False),
     "wide": (4096, 4096, 8, 8, 256, torch.bfloat16, True),
     "fp32": (4096, 4096, 8, 8, 128, torch.float32, True),
+    "fp32-wide": (4096, 4096, 8, 8, 256, torch.float32, True),
     "decode": (1, 32768, 32, 8, 128, torch.bfloat16, True),
+    "decode-wide": (1, 32768, 16, 8, 256, torch.bfloat16, True),
+    "decode-fp32": (1, 32768, 32, 8, 128, torch.float32, True),
+    "decode-fp32-wide": (1, 32768, 16, 8, 256, torch.float32, True),
 }
 
 
