@@ -9,7 +9,7 @@ mentioned in the provided text is". The first run of digits generated greedily i
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .passkey import PasskeyTrial, generate_trial, run_grid
@@ -50,6 +50,20 @@ def needle_prompt(tokenizer: Any, length: int, depth: float, name: str, key: str
     return " ".join(body[:at] + [needle] + body[at:]) + "\n" + question
 
 
+def needle_maker(model: Any, tokenizer: Any, haystack: str | None = None,
+                 digits: int = 7) -> Callable[[int, float, random.Random], PasskeyTrial]:
+    """One needle trial per call: ``make(length, depth, rng)``, name, number and haystack offset drawn from ``rng``."""
+    haystack = haystack if haystack is not None else default_haystack()
+
+    def make(n: int, d: float, rng: random.Random) -> PasskeyTrial:
+        name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        key = str(rng.randrange(10 ** (digits - 1), 10**digits))
+        prompt = needle_prompt(tokenizer, n, d, name, key, haystack, offset=rng.randrange(1 << 30))
+        return generate_trial(model, tokenizer, prompt, n, d, key)
+
+    return make
+
+
 def needle_grid(
     model: Any,
     tokenizer: Any,
@@ -65,12 +79,5 @@ def needle_grid(
 ) -> list[PasskeyTrial]:
     """``trials`` needles per (length, depth); each with its own name, number and haystack offset drawn from
     ``cell_seed``; ``grid`` passes ``done`` / ``on_result`` to ``run_grid``."""
-    haystack = haystack if haystack is not None else default_haystack()
-
-    def make(n: int, d: float, rng: random.Random) -> PasskeyTrial:
-        name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
-        key = str(rng.randrange(10 ** (digits - 1), 10**digits))
-        prompt = needle_prompt(tokenizer, n, d, name, key, haystack, offset=rng.randrange(1 << 30))
-        return generate_trial(model, tokenizer, prompt, n, d, key)
-
-    return run_grid(make, lengths, depths, trials=trials, seed=seed, desc="needle", progress=progress, **grid)
+    return run_grid(needle_maker(model, tokenizer, haystack, digits), lengths, depths, trials=trials, seed=seed,
+                    desc="needle", progress=progress, **grid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -92,7 +92,7 @@ def cell_seed(seed: int, length: int, depth_index: int, trial: int) -> int:
     return seed + 1000 * length + 100 * trial + depth_index
 
 
-def run_grid(
+def iter_grid(
     make_trial: Callable[[int, float, random.Random], PasskeyTrial],
     lengths: Sequence[int],
     depths: Sequence[float],
@@ -100,22 +100,42 @@ def run_grid(
     trials: int = 1,
     seed: int = 0,
     done: Container[tuple[int, float, int]] = (),
-    on_result: Callable[[PasskeyTrial], None] | None = None,
     desc: str = "trials",
     progress: bool = True,
-) -> list[PasskeyTrial]:
-    """Run ``make_trial(length, depth, rng)`` for every (length, depth, trial) cell whose ``(length, depth, seed)``
-    is not in ``done``; ``rng`` is seeded by ``cell_seed``. ``on_result`` sees each trial as it finishes (to append
-    it to a file, so that a long run can be stopped and resumed)."""
+) -> Iterator[PasskeyTrial]:
+    """Yield ``make_trial(length, depth, rng)`` for every (length, depth, trial) cell whose ``(length, depth, seed)``
+    is not in ``done``, as each finishes; ``rng`` is seeded by ``cell_seed``."""
     cells = [(n, d, t, cell_seed(seed, n, i, t)) for n in lengths for i, d in enumerate(depths) for t in range(trials)]
-    results = []
     for n, d, t, s in show([c for c in cells if (c[0], c[1], c[3]) not in done], desc=desc, enabled=progress):
         trial = make_trial(n, d, random.Random(s))
         trial.trial, trial.seed = t, s
+        yield trial
+
+
+def run_grid(
+    make_trial: Callable[[int, float, random.Random], PasskeyTrial],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    *,
+    on_result: Callable[[PasskeyTrial], None] | None = None,
+    **grid: Any,
+) -> list[PasskeyTrial]:
+    """Every trial of :func:`iter_grid` in a list; ``on_result`` sees each as it finishes."""
+    results = []
+    for trial in iter_grid(make_trial, lengths, depths, **grid):
         if on_result is not None:
             on_result(trial)
         results.append(trial)
     return results
+
+
+def passkey_maker(model: Any, tokenizer: Any, digits: int = 5) -> Callable[[int, float, random.Random], PasskeyTrial]:
+    """One passkey trial per call: ``make(length, depth, rng)``, the key drawn from ``rng``."""
+
+    def make(n: int, d: float, rng: random.Random) -> PasskeyTrial:
+        return passkey_trial(model, tokenizer, n, d, str(rng.randrange(10 ** (digits - 1), 10**digits)))
+
+    return make
 
 
 def passkey_grid(
@@ -132,8 +152,5 @@ def passkey_grid(
 ) -> list[PasskeyTrial]:
     """``trials`` trials per (length, depth), each with its own key drawn from ``cell_seed``; ``grid`` passes
     ``done`` / ``on_result`` to ``run_grid``."""
-
-    def make(n: int, d: float, rng: random.Random) -> PasskeyTrial:
-        return passkey_trial(model, tokenizer, n, d, str(rng.randrange(10 ** (digits - 1), 10**digits)))
-
-    return run_grid(make, lengths, depths, trials=trials, seed=seed, desc="passkey", progress=progress, **grid)
+    return run_grid(passkey_maker(model, tokenizer, digits), lengths, depths, trials=trials, seed=seed,
+                    desc="passkey", progress=progress, **grid)

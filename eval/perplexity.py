@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .progress import progress as show
+from .runner import Cell, sweep
 
 __all__ = ["PerplexityResult", "perplexity", "token_ids"]
 
@@ -105,33 +106,17 @@ def ppl_table(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Perplexity for every (method, length): each method is applied with ``target_length`` = the eval length
-    (``"vanilla"`` = unpatched; at lengths within the trained window only vanilla is run). Rows are tidy dicts;
-    the model is left unpatched."""
+    (``"vanilla"`` = unpatched; at lengths within the trained window only vanilla is run). Rows are tidy dicts (one
+    :func:`~longctx.eval.runner.sweep`); the model is left as it was found."""
     import longctx
 
-    info = longctx.inspect(model)
-    trained = trained_length or info.trained_length
-    rows = []
-    for length in lengths:
-        for method in methods:
-            if method != "vanilla" and length <= trained:
-                continue
-            if method == "vanilla":
-                longctx.unpatch(model)
-                params: dict[str, Any] = {}
-            else:
-                params = dict((method_params or {}).get(method, {}))
-                params.setdefault("target_length", length)
-                if trained_length:
-                    params.setdefault("trained_length", trained_length)
-                longctx.patch(model, method, **params)
-            try:
-                result = perplexity(
-                    model, ids, length, stride=stride, max_windows=max_windows,
-                    split_at=trained if length > trained else None,
-                    progress=progress, desc=f"{method}@{length}",
-                )
-            finally:
-                longctx.unpatch(model)
-            rows.append({"method": method, "trained_length": trained, "factor": length / trained, **result.to_dict()})
-    return rows
+    trained = trained_length or longctx.inspect(model).trained_length
+
+    def run(cell: Cell) -> list[dict[str, Any]]:
+        result = perplexity(model, ids, cell.length, stride=stride, max_windows=max_windows,
+                            split_at=trained if cell.length > trained else None, progress=progress,
+                            desc=f"{cell.method}@{cell.length}")
+        return [{"trained_length": trained, "factor": cell.length / trained, **result.to_dict()}]
+
+    return sweep(model, methods, lengths, run, target="each", method_params=method_params, skip_within=trained,
+                 trained_length=trained_length)

@@ -3,19 +3,22 @@
 :class:`Embedder` encodes with a sentence-transformers model (its own pooling and normalisation) or a raw
 transformers encoder (mean pooling over the attention mask, L2-normalised); embeddings are cached per text for the
 run (queries repeat across lengths). :func:`evaluate` scores one task (cosine similarity, tie-aware nDCG@k and
-recall@k); :func:`retrieval_grid` runs tasks × methods × lengths, patching the model once per method to the longest
-length and restoring it afterwards.
+recall@k); :func:`retrieval_grid` runs tasks × methods × lengths on the shared sweep, patching the model once per
+method to the longest length and restoring it afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .metrics import score_queries
 from .progress import progress
+from .runner import Cell, sweep
 from .synthetic import RetrievalTask
 
 __all__ = ["Embedder", "evaluate", "retrieval_grid", "BASELINE"]
@@ -109,42 +112,44 @@ def retrieval_grid(
 ) -> tuple[list[dict], list[dict]]:
     """Evaluate ``tasks`` for each method (``"truncate"`` = the model as it is, inputs cut at its limit).
 
-    Each method patches the model to the longest synthetic length (or the longest document for real tasks) and is
-    undone before the next. Returns ``(rows, per_query)``: one row per task × method × length with the metrics, and
-    the per-query top-1 records (for the length × depth heat map).
+    One :func:`~longctx.eval.runner.sweep`: each method patches the model once to the longest synthetic length (or
+    the longest document for real tasks) and is undone before the next. Returns ``(rows, per_query)``: one row per
+    task × method × length with the metrics, and the per-query top-1 records (for the length × depth heat map).
     """
     import longctx
 
-    method_params = method_params or {}
     embedder = Embedder(model, tokenizer, batch_size=batch_size, show_progress=show_progress)
-    info = longctx.inspect(model)
-    trained = info.trained_length
-    rows: list[dict] = []
+    trained = longctx.inspect(model).trained_length
+    target = max(max(_longest(task, embedder) for task in tasks), trained + 1)
     per_query: list[dict] = []
-    st_limit = model.max_seq_length if embedder.is_st else None
-    for method in methods:
-        longctx.unpatch(model)
-        if st_limit is not None:
-            model.max_seq_length = st_limit
-        embedder.clear()
-        target = max(_longest(task, embedder) for task in tasks)
-        params: dict = {}
-        if method != BASELINE:
-            patched = longctx.patch(model, method, target_length=max(target, trained + 1),
-                                    **method_params.get(method, {}))
-            params = patched.params
-        elif embedder.is_st:  # truncation at the model's real limit (not sentence-transformers' shorter default)
+
+    @contextlib.contextmanager
+    def truncated(method: str) -> Iterator[None]:
+        """sentence-transformers: cut at the model's real limit (not its shorter default ``max_seq_length``)."""
+        limit = model.max_seq_length if embedder.is_st else None
+        if limit is not None:
             model.max_seq_length = trained
+        try:
+            yield None
+        finally:
+            if limit is not None:
+                model.max_seq_length = limit
+
+    def run(cell: Cell) -> list[dict]:
+        embedder.clear()  # embeddings of the model as it was for the previous method
+        rows = []
         for task in tasks:
             splits = [task.split(n) for n in task.lengths] if task.lengths else [task]
             for split, length in zip(splits, task.lengths or [None]):
                 metrics, queries = evaluate(embedder, split, ks)
-                rows.append({"task": task.name, "method": method, "length": length, "trained_length": trained,
-                             **metrics, "params": params})
-                per_query += [{"task": task.name, "method": method, **q} for q in queries]
-    longctx.unpatch(model)
-    if st_limit is not None:
-        model.max_seq_length = st_limit
+                rows.append({"task": task.name, "length": length, "trained_length": trained, **metrics})
+                per_query.extend({"task": task.name, "method": cell.method, **q} for q in queries)
+        return rows
+
+    rows = sweep(model, methods, [None], run, target=target, method_params=method_params, baseline=truncated)
+    for row in rows:  # the parameters as a dict (JSON-able) for the results file
+        row["params"] = json.loads(row["params"])
+    embedder.clear()
     return rows, per_query
 
 

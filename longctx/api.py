@@ -1,56 +1,44 @@
-"""The public API: ``patch``, ``unpatch``, ``methods``, ``inspect``, ``load_default_model``."""
+"""The public API (floor 4): ``patch``, ``unpatch``, ``patched``, ``load``, ``methods``, ``inspect``.
+
+Nothing here names a method: every method declares itself in ``longctx.patches`` (its config, apply, export form,
+checkpoint recognition) and this module reads the declarations.
+
+The life of a patched model:
+
+* ``patch`` validates every parameter before touching anything; the model gets its own copies of its configs (a
+  config object shared with another model is never written); every edit is recorded as data on the model, so a
+  deep copy or a pickle of a patched model carries its own patch and ``unpatch`` of a copy touches only the copy;
+* a failed patch leaves the model as it was — a failed re-patch of a patched model included: its earlier patch is
+  applied again;
+* ``unpatch`` restores the original outputs, buffers, configs, attention implementation and length limits bit for
+  bit, on the model's current device and dtype;
+* ``save_pretrained`` of a patched model writes a config plain transformers reads (standard rope types only), plus a
+  ``longctx`` block for methods no standard config expresses, which :func:`load` re-applies.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .models import ModelInfo, describe, unwrap
-from .patches.base import Undo
-from .registry import get_method, registry
+from .patches import registry
+from .patches.base import STATE_ATTR, PatchInfo, PatchState, SetLimit, Transient, Undo, privatize_configs
+from .patches.registry import Method, get_method  # noqa: F401  (get_method: for the faces)
 
-__all__ = ["PatchInfo", "patch", "unpatch", "methods", "inspect", "is_patched", "patch_info", "load", "CONFIG_KEY"]
+__all__ = ["PatchInfo", "patch", "unpatch", "patched", "unpatched", "methods", "inspect", "is_patched", "patch_info", "load",
+           "resolve_method", "reload_record", "recognised_checkpoint", "CONFIG_KEY"]
 
 logger = logging.getLogger("longctx")
-_STATE_ATTR = "_longctx_state"
 CONFIG_KEY = "longctx"  # config.json block of a saved model whose method no standard config expresses
-
-
-@dataclass
-class PatchInfo:
-    """What ``longctx.patch`` applied."""
-
-    method: str
-    params: dict[str, Any]
-    trained_length: int | None
-    target_length: int | None
-    factor: float | None
-    layer_types: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        where = f", layers {self.layer_types}" if self.layer_types else ""
-        extra = {k: v for k, v in self.params.items() if k not in ("factor", "target_length", "trained_length")}
-        shown = ", ".join(f"{k}={v}" for k, v in extra.items())
-        factor = f"factor {self.factor:g}" if self.factor is not None else "no fixed factor"
-        return (
-            f"longctx: {self.method} applied: trained {self.trained_length} -> target {self.target_length} "
-            f"({factor}{', ' + shown if shown else ''}{where})"
-        )
-
-
-@dataclass
-class _State:
-    info: PatchInfo
-    reverts: list
-    record: dict[str, Any]  # {"method", "params"}: what re-applies this patch to a saved copy of the model
+_LIMITS_ATTR = "_longctx_limits"  # on a sentence-transformers wrapper: the length limits a patch raised on it
 
 
 def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> PatchInfo:
@@ -58,58 +46,126 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
 
     Args:
         model: a transformers model (decoder or encoder) or a sentence-transformers model.
-        method: a name from :func:`methods` (``"pi"``, ``"ntk"``, ``"dynamic_ntk"``, ``"yarn"``, …).
-        tokenizer: optional; its ``model_max_length`` is raised to the target length.
+        method: a name from :func:`methods` (``"pi"``, ``"ntk"``, ``"dynamic_ntk"``, ``"yarn"``, ``"selfextend"`` …).
+        tokenizer: optional; its ``model_max_length`` is raised to the target length (and put back by ``unpatch``).
         **params: the method's parameters: ``factor`` or ``target_length`` (one of them), ``trained_length`` to
-            override the config, and method-specific ones (see ``longctx.methods()``).
+            override the config, and method-specific ones (``longctx.methods()`` lists them with what they accept).
 
     Returns:
-        A :class:`PatchInfo` record (method, resolved parameters, trained and target length). Patching an
-        already patched model first removes the earlier patch.
+        A :class:`PatchInfo` (method, resolved parameters, trained and target length). Patching a patched model
+        replaces its patch; if the new one fails, the earlier one is applied again and the error raised.
+
+    Raises:
+        ValueError: an unknown method, a parameter value outside what it accepts (the message names the parameter
+            and what is allowed), or a method that does not fit the model; ``TypeError``: an unknown parameter.
+            The model is unchanged in every case.
     """
     spec = resolve_method(model, method)
-    hf = unwrap(model)
     cfg = spec.make_config(**params)
-    if is_patched(hf):
+    hf = unwrap(model)
+    previous: PatchState | None = getattr(hf, STATE_ATTR, None)
+    if previous is not None:
+        earlier_tokenizer = previous.tokenizer()
         unpatch(model)
-    applied = spec.apply(hf, cfg)
-    reverts = [applied.revert]
-    if applied.target_length:
-        reverts += _raise_limits(model, hf, tokenizer, applied.target_length)
-    record = _reload_record(spec, applied)
-    if not spec.standard_config:
-        undo = Undo()
-        undo.setattr(hf.config, CONFIG_KEY, copy.deepcopy(record))
-        reverts.append(undo)
-    info = PatchInfo(
-        method=spec.name,
-        params=applied.params,
-        trained_length=applied.trained_length,
-        target_length=applied.target_length,
-        factor=applied.factor,
-        layer_types=applied.layer_types,
-        notes=applied.notes,
-    )
-    setattr(hf, _STATE_ATTR, _State(info=info, reverts=reverts, record=record))
-    logger.info(str(info))
-    return info
+    try:
+        state = _apply(model, hf, spec, cfg, params, tokenizer)
+    except BaseException:
+        if previous is not None:  # the earlier patch comes back as it was
+            request = previous.request
+            earlier = get_method(request["method"])
+            _apply(model, hf, earlier, earlier.make_config(**request["params"]), request["params"], earlier_tokenizer)
+        raise
+    logger.info(str(state.info))
+    return state.info
 
 
-def resolve_method(model: Any, method: str) -> Any:
-    """The registry entry ``method`` means for ``model``: ``"pi"`` on an absolute-position model is ``pi_absolute``
-    (the learned table interpolated)."""
+def _apply(model: Any, hf: nn.Module, spec: Method, cfg: Any, params: dict, tokenizer: Any) -> PatchState:
+    undo = Undo()
+    wrapper_limits = Undo()
+    try:
+        privatize_configs(hf, undo)
+        applied = spec.apply(hf, cfg, undo)
+        record = _reload_record(spec, applied)
+        if spec.form(applied.params) != "config":
+            setattr(hf.config, CONFIG_KEY, copy.deepcopy(record))  # the model's own config copy: saved with it
+        if applied.target_length:
+            _raise_limits(model, hf, tokenizer, applied.target_length, undo, wrapper_limits)
+    except BaseException:
+        wrapper_limits()
+        undo()
+        raise
+    info = PatchInfo(method=spec.name, params=applied.params, trained_length=applied.trained_length,
+                     target_length=applied.target_length, factor=applied.factor, layer_types=applied.layer_types,
+                     notes=applied.notes)
+    state = PatchState(info=info, request={"method": spec.name, "params": dict(params)}, record=record, undo=undo,
+                       tokenizer=Transient(tokenizer))
+    setattr(hf, STATE_ATTR, state)
+    if len(wrapper_limits):
+        setattr(model, _LIMITS_ATTR, wrapper_limits)
+    return state
+
+
+def unpatch(model: Any) -> bool:
+    """Remove a longctx patch, restoring the original behaviour bit for bit. Returns False if none was applied."""
+    hf = unwrap(model)
+    state: PatchState | None = getattr(hf, STATE_ATTR, None)
+    limits = getattr(model, _LIMITS_ATTR, None) if model is not hf else None
+    if limits is not None:
+        limits()
+        delattr(model, _LIMITS_ATTR)
+    if state is None:
+        return False
+    delattr(hf, STATE_ATTR)
+    state.undo()
+    logger.info(f"longctx: {state.info.method} removed")
+    return True
+
+
+@contextlib.contextmanager
+def patched(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> Iterator[PatchInfo]:
+    """``with longctx.patched(model, "yarn", target_length=n) as info: …`` — patched inside the block, left as it
+    was found afterwards (unpatched, or with its earlier patch applied again), whatever happens inside."""
+    hf = unwrap(model)
+    previous: PatchState | None = getattr(hf, STATE_ATTR, None)
+    earlier = (previous.request, previous.tokenizer()) if previous is not None else None
+    info = patch(model, method, tokenizer=tokenizer, **params)
+    try:
+        yield info
+    finally:
+        unpatch(model)
+        if earlier is not None:
+            request, earlier_tokenizer = earlier
+            patch(model, request["method"], tokenizer=earlier_tokenizer, **request["params"])
+
+
+@contextlib.contextmanager
+def unpatched(model: Any) -> Iterator[None]:
+    """``with longctx.api.unpatched(model): …`` — the model without its patch inside the block (e.g. to save the
+    base model), the same patch applied again afterwards."""
+    hf = unwrap(model)
+    state: PatchState | None = getattr(hf, STATE_ATTR, None)
+    if state is None:
+        yield
+        return
+    request, tokenizer = state.request, state.tokenizer()
+    unpatch(model)
+    try:
+        yield
+    finally:
+        patch(model, request["method"], tokenizer=tokenizer, **request["params"])
+
+
+def resolve_method(model: Any, method: str) -> Method:
+    """The registry entry ``method`` means for ``model``: a method with an absolute-position counterpart
+    (``pi`` → ``pi_absolute``) means that one on an absolute-position model."""
     spec = get_method(method)
-    if spec.kind != "absolute" and f"{spec.name}_absolute" in registry and (
-        describe(unwrap(model)).position_encoding == "absolute"
-    ):
-        spec = registry[f"{spec.name}_absolute"]
+    if spec.on_absolute is not None and describe(unwrap(model)).position_encoding == "absolute":
+        spec = get_method(spec.on_absolute)
     return spec
 
 
-def _reload_record(spec: Any, applied: Any) -> dict[str, Any]:
-    """``{"method", "params"}`` that re-apply ``applied`` to a saved copy of the model: written as
-    ``config.longctx`` (saved with the config) for a method no standard config expresses, so that :func:`load` can
-    re-apply it."""
+def _reload_record(spec: Method, applied: Any) -> dict[str, Any]:
+    """``{"method", "params"}`` that re-apply ``applied`` to a saved copy of the model (the ``longctx`` block)."""
     fields = {name for name, _, _ in spec.parameters()}
     resolved = {**applied.params, "trained_length": applied.trained_length, "target_length": applied.target_length}
     params = applied.reload if applied.reload is not None else {k: v for k, v in resolved.items() if k in fields}
@@ -117,145 +173,36 @@ def _reload_record(spec: Any, applied: Any) -> dict[str, Any]:
 
 
 def reload_record(model: Any) -> dict[str, Any] | None:
-    """The ``{"method", "params"}`` record that re-applies ``model``'s patch (``None`` if it is not patched)."""
-    state = getattr(unwrap(model), _STATE_ATTR, None)
+    """The ``{"method", "params"}`` record that re-applies ``model``'s patch to a saved copy (None: not patched)."""
+    state = getattr(unwrap(model), STATE_ATTR, None)
     return copy.deepcopy(state.record) if state is not None else None
 
 
-def load(path: str | Any, *, dtype: Any = None, device: str | None = None, allow_training_free: bool = False) -> Any:
-    """Load a model directory with its extension active: an export (``longctx export``) or a directory saved from a
-    patched model (``st.save`` / ``save_pretrained``) — methods a standard config expresses come back by themselves;
-    the others (``grouped``, ``recurrent``, ``pcw``, ``selfextend``, ``clex``, absolute ``pi``'s row mapping) are
-    re-applied from the ``longctx`` block of config.json — or a CLEX checkpoint as its authors released it
-    (``rope_scaling`` of type ``clex``; see :func:`load_clex_checkpoint`). Returns the model (a sentence-transformers
-    model for a sentence-transformers directory); a plain directory loads as it is.
-
-    ``allow_training_free``: load a CLEX checkpoint whose weights lack the ODE parameters with CLEX's training-free
-    limit instead of failing."""
-    from pathlib import Path
-
-    import torch
-    import transformers
-
-    folder = Path(path)
-    if (folder / "modules.json").exists():
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(folder), device=device or "cpu")
-    elif _clex_scaling(folder) is not None:
-        return load_clex_checkpoint(folder, dtype=dtype, device=device, allow_training_free=allow_training_free)
-    else:  # the class it was saved from (LlamaForCausalLM, BertModel …); no tokenizer needed
-        config = transformers.AutoConfig.from_pretrained(folder)
-        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-        model = getattr(transformers, arch, transformers.AutoModel).from_pretrained(folder)
-    model = model.to(dtype or torch.float32).eval()
-    if device:
-        model = model.to(device)
-    hf = unwrap(model)
-    block = getattr(hf.config, CONFIG_KEY, None)
-    if block:
-        delattr(hf.config, CONFIG_KEY)
-        params = {k: str(folder / v[2:]) if isinstance(v, str) and v.startswith("./") else v  # files of the export
-                  for k, v in block["params"].items()}
-        patch(model, block["method"], **params)
-    return model
-
-
-CLEX_FAMILIES = ("llama", "mistral", "mixtral", "phi", "qwen2")  # model types of CLEX checkpoints longctx maps
-
-
-def _clex_scaling(folder: Any) -> dict | None:
-    import json
-
-    config = folder / "config.json"
-    if not config.exists():
-        return None
-    scaling = json.loads(config.read_text()).get("rope_scaling") or {}
-    return scaling if (scaling.get("type") or scaling.get("rope_type")) == "clex" else None
-
-
-def load_clex_checkpoint(path: Any, *, dtype: Any = None, device: str | None = None,
-                         allow_training_free: bool = False) -> Any:
-    """A CLEX checkpoint as released (CLEX-LLaMA-2, CLEX-Phi-2, CLEX-Mixtral: config.json with ``rope_scaling``
-    ``{"type": "clex", "max_factor", "param_factor", "act", "time_dt"}``, ``log_scale``, an ``auto_map`` to remote
-    code, weights holding ``model.clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj``) on transformers' own class
-    for its model type — no ``trust_remote_code`` — patched with ``clex`` and those weights."""
-    import json
-    from pathlib import Path
-
-    import torch
-    import transformers
-
-    from .core.clex import read_ode_weights
-
-    folder = Path(path)
-    raw = json.loads((folder / "config.json").read_text())
-    scaling = raw["rope_scaling"]
-    model_type = raw.get("model_type")
-    if model_type not in CLEX_FAMILIES:
-        raise ValueError(f"CLEX checkpoint of model type '{model_type}': longctx maps CLEX checkpoints of "
-                         f"{', '.join(CLEX_FAMILIES)} onto transformers' own classes")
-    try:
-        read_ode_weights(folder)
-        ode_weights: str | None = str(folder)
-    except FileNotFoundError:
-        if not allow_training_free:
-            raise FileNotFoundError(
-                f"{folder} is a CLEX checkpoint (rope_scaling type 'clex') but its weights hold no ODE parameters "
-                "(model.clex_layer.proj_func.ode_up_proj / ode_down_proj); pass allow_training_free=True to load it "
-                "with CLEX's training-free limit (NTK with alpha = 2t - 1)"
-            ) from None
-        ode_weights = None
-    drop = ("model_type", "rope_scaling", "auto_map", "architectures", "log_scale", "use_flashattn",
-            "transformers_version")
-    config = transformers.CONFIG_MAPPING[model_type](**{k: v for k, v in raw.items() if k not in drop})
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32)
-    model = model.eval()
-    if device:
-        model = model.to(device)
-    params = {k: scaling[k] for k in ("max_factor", "param_factor", "act", "time_dt") if k in scaling}
-    log_scale = bool(raw.get("log_scale", True))  # CLEXLlamaConfig's default
-    patch(model, "clex", ode_weights=ode_weights, log_scale=log_scale, **params)
-    logger.warning(f"longctx: loaded the CLEX checkpoint {folder} as {type(model).__name__} without remote code "
-                   f"({'learned ODE weights' if ode_weights else 'training-free limit: no ODE weights'}, max_factor "
-                   f"{params.get('max_factor')}, log_scale {log_scale})")
-    return model
-
-
-def unpatch(model: Any) -> bool:
-    """Remove a longctx patch, restoring the original behaviour bit for bit. Returns False if none was applied."""
-    hf = unwrap(model)
-    state: _State | None = getattr(hf, _STATE_ATTR, None)
-    if state is None:
-        return False
-    for revert in reversed(state.reverts):
-        revert()
-    delattr(hf, _STATE_ATTR)
-    logger.info(f"longctx: {state.info.method} removed")
-    return True
-
-
 def is_patched(model: Any) -> bool:
-    return getattr(unwrap(model), _STATE_ATTR, None) is not None
+    return getattr(unwrap(model), STATE_ATTR, None) is not None
 
 
 def patch_info(model: Any) -> PatchInfo | None:
-    state = getattr(unwrap(model), _STATE_ATTR, None)
+    state = getattr(unwrap(model), STATE_ATTR, None)
     return state.info if state is not None else None
 
 
 def methods() -> list[dict[str, Any]]:
-    """Every registered method: name, kind, one-line description, parameters (name, type, default)."""
-    return [
-        {
+    """Every registered method: name, kind, one-line description, whether a standard config expresses it, and
+    its parameters (name, type, default, help: what it does and accepts)."""
+    out = []
+    for spec in registry.values():
+        helps = spec.parameter_help()
+        out.append({
             "name": spec.name,
             "kind": spec.kind,
             "description": spec.description,
             "standard_config": spec.standard_config,
-            "parameters": [{"name": n, "type": t, "default": d} for n, t, d in spec.parameters()],
-        }
-        for spec in registry.values()
-    ]
+            "aliases": list(spec.aliases),
+            "parameters": [{"name": n, "type": t, "default": d, "help": helps.get(n, "")}
+                           for n, t, d in spec.parameters()],
+        })
+    return out
 
 
 def inspect(model: Any) -> ModelInfo:
@@ -265,18 +212,124 @@ def inspect(model: Any) -> ModelInfo:
     return info
 
 
-def _raise_limits(model: Any, hf: nn.Module, tokenizer: Any, target: int) -> list:
-    """Raise the length limits that would otherwise truncate inputs (the tokenizer given, sentence-transformers'
-    ``max_seq_length`` and its tokenizer's ``model_max_length``)."""
-    reverts = []
-    wrapper = model if model is not hf else None  # sentence-transformers: its length cap and its own tokenizer
-    limits = ((tokenizer, "model_max_length"), (wrapper, "max_seq_length"),
-              (getattr(wrapper, "tokenizer", None), "model_max_length"))
-    for obj, attr in limits:
+def _raise_limits(model: Any, hf: nn.Module, tokenizer: Any, target: int, undo: Undo, wrapper_undo: Undo) -> None:
+    """Raise the length limits that would otherwise truncate inputs: the tokenizer given (undone while it lives;
+    a copy of the model does not carry it), sentence-transformers' ``max_seq_length`` and its tokenizer's
+    ``model_max_length`` (undone with the wrapper's own record)."""
+    wrapper = model if model is not hf else None
+    limits = [(tokenizer, "model_max_length", undo, True), (wrapper, "max_seq_length", wrapper_undo, False),
+              (getattr(wrapper, "tokenizer", None), "model_max_length", wrapper_undo, False)]
+    for obj, attr, into, transient in limits:
         if obj is None or not hasattr(obj, attr):
             continue
         old = getattr(obj, attr)
         if old is None or old < target:
+            into.push(SetLimit(Transient(obj) if transient else obj, attr, old))
             setattr(obj, attr, target)
-            reverts.append(lambda obj=obj, attr=attr, old=old: setattr(obj, attr, old))
-    return reverts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading saved and released checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def _config_dir(folder: Path) -> Path:
+    """Where config.json lives: ``folder``, or a sentence-transformers directory's Transformer module."""
+    modules = folder / "modules.json"
+    if modules.exists():
+        for module in json.loads(modules.read_text()):
+            if module.get("type", "").endswith(".Transformer"):
+                return folder / module.get("path", "")
+    return folder
+
+
+def _raw_config(folder: Path) -> dict:
+    path = _config_dir(folder) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def recognised_checkpoint(folder: str | Path) -> Method | None:
+    """The method whose authors' released-checkpoint layout ``folder`` has (e.g. a CLEX checkpoint), or None."""
+    raw = _raw_config(Path(folder))
+    return next((spec for spec in registry.values() if spec.recognise is not None and spec.recognise(raw)), None)
+
+
+def _legacy(raw: dict) -> tuple[dict, dict | None]:
+    """A config.json written by an earlier longctx whose rope parameters hold a longctx rope type: the same config
+    with the base rope parameters, and the ``{"method", "params"}`` to re-apply (None: nothing legacy)."""
+    legacy = {t: (spec, fn) for spec in registry.values() for t, fn in spec.legacy_rope_types.items()}
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    nested = {k: v for k, v in rope.items() if isinstance(v, dict)}
+    found = None
+    for key, params in (nested.items() if nested else [(None, rope)]):
+        kind = params.get("rope_type", params.get("type"))
+        if kind in legacy:
+            spec, convert = legacy[kind]
+            base, patch_params = convert(params)
+            if key is None:
+                rope = base
+            else:
+                rope = {**rope, key: base}
+            found = {"method": spec.name, "params": patch_params}
+    if found is None:
+        return raw, None
+    fixed = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_parameters")}
+    fixed["rope_parameters"] = rope
+    if found["params"].get("trained_length"):
+        fixed["max_position_embeddings"] = max(raw.get("max_position_embeddings") or 0,
+                                               found["params"]["trained_length"])
+    return fixed, found
+
+
+def load(path: str | Path, *, dtype: Any = None, device: str | None = None, allow_training_free: bool = False) -> Any:
+    """Load a model directory with its extension active.
+
+    * an export (``longctx export``) or a directory saved from a patched model (``save_pretrained``,
+      sentence-transformers' ``save``): methods a standard config expresses come back by themselves; the others are
+      re-applied from the ``longctx`` block of config.json (their files, e.g. CLEX's ODE weights, read from the
+      directory);
+    * a checkpoint as its method's authors released it (a CLEX checkpoint: ``rope_scaling`` of type ``clex``), on
+      transformers' own class — no remote code; ``allow_training_free``: such a checkpoint without its learned
+      weights loads with the method's training-free limit instead of failing;
+    * a directory saved by an earlier longctx with a longctx rope type in its config: converted and re-applied.
+
+    Returns the model (a sentence-transformers model for a sentence-transformers directory; a plain directory loads
+    as it is), in eval mode, fp32 unless ``dtype`` says otherwise.
+    """
+    import torch
+    import transformers
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no model directory at {folder}")
+    released = recognised_checkpoint(folder)
+    if released is not None:
+        model, params = released.load_checkpoint(folder, dtype=dtype, device=device,
+                                                 allow_training_free=allow_training_free)
+        patch(model, released.name, **params)
+        return model
+    raw, legacy = _legacy(_raw_config(folder))
+    if (folder / "modules.json").exists():
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(folder), device=device or "cpu")
+    else:  # the class it was saved from (LlamaForCausalLM, BertModel …); no tokenizer needed
+        if legacy is not None:
+            config = transformers.CONFIG_MAPPING[raw["model_type"]].from_dict(
+                {k: v for k, v in raw.items() if k != "model_type"})
+        else:
+            config = transformers.AutoConfig.from_pretrained(folder)
+        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+        model = getattr(transformers, arch, transformers.AutoModel).from_pretrained(folder, config=config)
+    model = model.to(dtype or torch.float32).eval()
+    if device:
+        model = model.to(device)
+    hf = unwrap(model)
+    block = getattr(hf.config, CONFIG_KEY, None) or legacy
+    if block:
+        if hasattr(hf.config, CONFIG_KEY):
+            delattr(hf.config, CONFIG_KEY)
+        params = {k: str(folder / v[2:]) if isinstance(v, str) and v.startswith("./") else v  # files of the export
+                  for k, v in block["params"].items()}
+        if legacy is not None and block is not legacy:
+            params = {**legacy["params"], **params}
+        patch(model, block["method"], **params)
+    return model

@@ -2,40 +2,43 @@
 
 The math is ``longctx.core.clex``; this module is the integration:
 
-* rope type ``longctx_clex`` in ``ROPE_INIT_FUNCTIONS`` (its init gives the t = 1 frequencies, the model's own), with
-  ``factor`` = ``max_factor`` and ``original_max_position_embeddings`` = L in ``rope_parameters``;
 * the frequencies of every scale ``t = 1 … max_factor`` are computed once at patch time — integrated from learned
   ODE weights (``ode_weights``: a CLEX checkpoint directory or weights file, tensors named
   ``…clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj``), or, without them, the training-free limit in closed
   form: NTK scaling with ``α = 2t − 1`` (the ODE with zero dynamics; logged);
-* a forward pre-hook on each rotary module selects the row of ``t = ceil(n / L)`` (n = largest position + 1, capped
-  at ``max_factor``) for the current forward;
-* an attention function (``AttentionInterface`` + ``AttentionMaskInterface``, wrapping the model's own sdpa / eager /
-  flash attention) keeps the KV cache consistent — when ``t`` steps up during generation, the cached keys are
-  re-rotated once, in place, from the old frequencies to the new ones (``R(p·f_new) k = R(p·(f_new − f_old)) ·
-  R(p·f_old) k``); the reference re-rotates every cached key at every step — and applies ``log_scale``: queries
-  multiplied by ``log(kv_len) / log(L)`` for each row's real keys (unclamped: below 1 for inputs shorter than L), on
-  every backend. The reference does this only on its flash-attention path (its eager path does not); released
-  CLEX configs set ``log_scale: true``.
+* the config keeps the model's own ``rope_parameters`` (a saved copy loads as the base model in plain transformers;
+  its ``longctx`` block re-applies CLEX in ``longctx.load``), and a forward pre-hook on each rotary module sets the
+  row of ``t = ceil(n / L)`` (n = largest position + 1, capped at ``max_factor``) for the current forward;
+* an attention runtime (``patches/attention.py``, wrapping the model's own sdpa / eager / flash attention) keeps the KV
+  cache consistent — when ``t`` steps up during generation, the cached keys are re-rotated once, in place, from the
+  old frequencies to the new ones (``R(p·f_new) k = R(p·(f_new − f_old)) · R(p·f_old) k``); the reference re-rotates
+  every cached key at every step — and applies ``log_scale``: queries multiplied by ``log(kv_len) / log(L)`` for each
+  row's real keys (unclamped: below 1 for inputs shorter than L), on every backend. The reference does this only on
+  its flash-attention path; released CLEX configs set ``log_scale: true``.
 
 ``t`` is one per forward (the longest row of a batch), as in the reference, which assumes batch 1: rows of a
 left-padded batch equal their own runs when they fall in the same ``t``.
+
+Released checkpoints (config.json ``rope_scaling`` of type ``clex``, an ``auto_map`` to remote code, ODE weights in
+the weights) are recognised here and loaded on transformers' own class for their model type.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
-import weakref
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longctx.core.clex import (
     ACTIVATIONS,
+    ODE_KEYS,
     clex_inv_freq_table,
     clex_scale,
     clex_training_free_table,
@@ -43,175 +46,204 @@ from longctx.core.clex import (
     read_ode_weights,
 )
 from longctx.core.rope import default_inv_freq, rotate_by_angles
-from longctx.models import layer_params, rotary_dim
+from longctx.models import layer_params
 
-from .base import Applied, Undo, real_key_lengths
-from .rope_common import (
-    RopeConfig,
-    RopeContext,
-    apply_rope_method,
-    base_attention,
-    install_attention_wrapper,
-    layer_type_of,
-)
+from .attention import AttentionRuntime, CachedPositions, attention_modules, install_attention
+from .base import Applied, LengthConfig, Undo, param, real_key_lengths
+from .registry import Method, register
+from .rope_common import FrequencyHook, own_frequencies, layer_type_of, rope_targets
 
 NAME = "clex"
 DESCRIPTION = (
     "CLEX: frequencies from a learned ODE in the scale t = ceil(n/L) (released CLEX checkpoints: ode_weights); "
     "without learned weights its training-free limit, NTK with alpha = 2t - 1."
 )
-ROPE_TYPE = "longctx_clex"
-ATTN_PREFIX = "longctx_clex_"
+FAMILIES = ("llama", "mistral", "mixtral", "phi", "qwen2")  # model types of CLEX checkpoints mapped onto transformers
 logger = logging.getLogger("longctx")
 
 
-@dataclass
-class CLEXConfig(RopeConfig):
+@dataclass(frozen=True)
+class CLEXConfig(LengthConfig):
     """CLEX. ``max_factor``: largest scale t (default: ``ceil(target / trained)``; or give ``factor`` /
     ``target_length``); ``ode_weights``: a CLEX checkpoint directory or a ``.safetensors`` / ``.bin`` file holding
     ``…clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj`` (None: the training-free limit); ``param_factor``,
     ``act``, ``time_dt``: the ODE's width factor, activation (``tanh`` / ``silu``) and RK4 step, as in the checkpoint's
     ``rope_scaling``; ``log_scale``: multiply queries by ``log(kv_len) / log(L)`` (the reference's flash path)."""
 
-    max_factor: int | None = None
-    ode_weights: str | None = None
-    param_factor: int = 1
-    act: str = "tanh"
-    time_dt: float = 0.01
-    log_scale: bool = False
+    method: ClassVar[str] = NAME
+    max_factor: int | None = param(kind=int, ge=1, doc="the largest scale t = ceil(n / L)")
+    ode_weights: str | None = param(kind=str, doc="a CLEX checkpoint directory or weights file")
+    param_factor: int = param(1, kind=int, ge=1, optional=False, doc="the ODE's width factor")
+    act: str = param("tanh", kind=str, choices=tuple(sorted(ACTIVATIONS)), optional=False, doc="the ODE's activation")
+    time_dt: float = param(0.01, kind=float, gt=0, le=1, optional=False, doc="the RK4 step")
+    log_scale: bool = param(False, kind=bool, optional=False, doc="queries x log(kv_len) / log(L)")
 
 
-def compute_clex_parameters(config: Any, device: torch.device | None = None, seq_len: Any = None,
-                            layer_type: str | None = None, **_: Any) -> tuple[torch.Tensor, float]:
-    """``ROPE_INIT_FUNCTIONS`` entry: the t = 1 frequencies (the model's own); the patch swaps in the row of the
-    current scale before every forward."""
-    params = layer_params(config, layer_type)
-    return default_inv_freq(rotary_dim(config, params), params["rope_theta"], device), 1.0
+class CLEXRuntime(AttentionRuntime):
+    """The scale of the current forward, the frequency tables, and the KV cache's re-rotation."""
 
+    transient: ClassVar[tuple[str, ...]] = ("cached", "cache_t")
 
-ROPE_INIT_FUNCTIONS[ROPE_TYPE] = compute_clex_parameters
+    def __init__(self, trained: int, max_factor: int, log_scale: bool, tables: dict[int, dict[Any, torch.Tensor]]):
+        self.trained, self.max_factor, self.log_scale = trained, max_factor, log_scale
+        self.tables = tables  # config id at patch time -> layer type (None: flat) -> [max_factor, rot/2] fp32
+        self.t = 1
+        self.__dict__.update(self.fresh_transient())
 
+    def fresh_transient(self) -> dict[str, Any]:
+        return {"cached": CachedPositions(NAME), "cache_t": {}}
 
-@dataclass
-class _State:
-    trained_length: int
-    max_factor: int
-    log_scale: bool
-    tables: dict[Any, torch.Tensor] = field(default_factory=dict)  # layer type (None: flat) -> [max_factor, d/2]
-    t: int = 1  # the scale of the current forward
-    cache_t: dict[int, int] = field(default_factory=dict)  # layer index -> scale its cached keys are rotated with
-    positions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> [B, kv] positions of its keys
+    def table(self, module: nn.Module) -> torch.Tensor | None:
+        layer_type = layer_type_of(module)
+        for tables in self.tables.values():
+            if layer_type in tables:
+                return tables[layer_type]
+        return None
 
-
-_STATES: dict[int, _State] = {}  # id(config) -> state, while a model is patched
-
-
-def rope_parameters(cfg: CLEXConfig, params: dict, ctx: RopeContext) -> dict:
-    return {**params, "rope_type": ROPE_TYPE, "factor": float(_max_factor(cfg, ctx)),
-            "original_max_position_embeddings": ctx.trained_length}
-
-
-def _max_factor(cfg: CLEXConfig, ctx: RopeContext) -> int:
-    return int(cfg.max_factor) if cfg.max_factor is not None else int(math.ceil(ctx.factor - 1e-9))
-
-
-def _frequency_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-    state = _STATES.get(id(module.config))
-    if position_ids is None or state is None:
-        return
-    state.t = clex_scale(int(position_ids.max().item()) + 1, state.trained_length, state.max_factor)
-    for layer_type, table in state.tables.items():
-        buf = getattr(module, f"{layer_type}_inv_freq" if layer_type is not None else "inv_freq")
-        buf.copy_(table[state.t - 1].to(buf.device, buf.dtype))
-
-
-def _sync_cache(module: nn.Module, key: torch.Tensor, q_len: int, position_ids: Any, state: _State) -> None:
-    """Track the positions of this layer's cached keys; when the scale changed since they were rotated, re-rotate
-    them once, in place (the tensor the cache holds)."""
-    layer, (batch, _, kv_len, _) = getattr(module, "layer_idx", None), key.shape
-    if layer is None:  # an encoder's attention: no cache
-        return
-    if position_ids is None:
-        position_ids = torch.arange(kv_len - q_len, kv_len, device=key.device)[None]
-    pos = position_ids.to(device=key.device, dtype=torch.float32).expand(batch, q_len)
-    past = kv_len - q_len
-    history = state.positions.get(layer)
-    if past == 0 or history is None or history.shape != (batch, past):
-        state.positions[layer] = pos.clone()
-        state.cache_t[layer] = state.t
-        if past and (history is None or history.shape != (batch, past)):
-            raise RuntimeError("clex lost track of the KV cache (its length or batch changed outside a forward: "
-                               "cache cropping or beam reordering are not supported)")
-        return
-    old_t = state.cache_t[layer]
-    if old_t != state.t:
-        table = state.tables[layer_type_of(module)].to(key.device)
-        delta = history[..., None] * (table[state.t - 1] - table[old_t - 1])[None, None]  # [B, past, d/2]
-        key[:, :, :past] = rotate_by_angles(key[:, :, :past], delta[:, None]).to(key.dtype)
-        state.cache_t[layer] = state.t
-    state.positions[layer] = torch.cat((history, pos), dim=1)
-
-
-def _make_attention(base: str):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        state = _STATES.get(id(module.config))
-        if state is not None and layer_type_of(module) in state.tables:
-            _sync_cache(module, key, query.shape[2], kwargs.get("position_ids"), state)
-            if state.log_scale:
+    def forward(self, module, query, key, value, attention_mask, **kwargs):
+        table = self.table(module)
+        if table is not None:
+            self._sync_cache(module, key, query.shape[2], kwargs.get("position_ids"), table)
+            if self.log_scale:
                 n = real_key_lengths(attention_mask, query.shape[0], key.shape[2]).to(query.device)
-                query = query * log_scale_factor(n, state.trained_length).to(query.dtype).view(-1, 1, 1, 1)
-        return base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+                query = query * log_scale_factor(n, self.trained).to(query.dtype).view(-1, 1, 1, 1)
+        return self.call_base(module, query, key, value, attention_mask, **kwargs)
 
-    attention.__name__ = f"{ATTN_PREFIX}{base}"
-    return attention
-
-
-def _post(cfg: CLEXConfig, weights: tuple[torch.Tensor, torch.Tensor] | None):
-    def post(model: nn.Module, rotaries: list, undo: Undo, contexts: list[RopeContext]) -> list[str]:
-        ctx = contexts[0]
-        max_factor = _max_factor(cfg, ctx)
-        configs = {id(r.config): r.config for r in rotaries}
-        for cid, config in configs.items():
-            state = _State(ctx.trained_length, max_factor, cfg.log_scale)
-            for c in contexts:
-                params = layer_params(config, c.layer_type)
-                dim, theta = c.rotary_dim, params["rope_theta"]
-                if weights is None:
-                    state.tables[c.layer_type] = clex_training_free_table(dim, theta, max_factor)
-                else:
-                    base = default_inv_freq(dim, theta)
-                    state.tables[c.layer_type] = clex_inv_freq_table(base, *weights, cfg.act, max_factor, cfg.time_dt)
-            _STATES[cid] = state
-            undo.push(lambda cid=cid: _STATES.pop(cid, None))
-        for r in rotaries:
-            handle = r.module.register_forward_pre_hook(_frequency_pre_hook, with_kwargs=True)
-            undo.push(handle.remove)
-        name = install_attention_wrapper(model, ATTN_PREFIX, _make_attention, "clex", undo)
-        weakref.finalize(model, lambda ids=list(configs): [_STATES.pop(i, None) for i in ids])
-        source = (f"learned ODE weights from {cfg.ode_weights}" if weights is not None else
-                  "no learned weights: the training-free limit, NTK scaling with alpha = 2t - 1")
-        logger.info(f"longctx: clex with {source}; t = ceil(n / {ctx.trained_length}) up to {max_factor}")
-        notes = [f"clex: {source}", f"attention '{name}': cached keys re-rotated once when t steps up"
-                 + (f"; queries scaled by log(kv_len) / log({ctx.trained_length})" if cfg.log_scale else "")]
-        return notes
-
-    return post
+    def _sync_cache(self, module, key, q_len, position_ids, table) -> None:
+        """When the scale changed since this layer's cached keys were rotated, re-rotate them once, in place."""
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:  # an encoder's attention: no cache
+            return
+        past = self.cached.update(layer, position_ids, key.shape[0], q_len, key.shape[2], key.device)
+        old_t = self.cache_t.get(layer, self.t)
+        if past is not None and old_t != self.t:
+            table = table.to(key.device)
+            delta = past[..., None] * (table[self.t - 1] - table[old_t - 1])[None, None]  # [B, past, rot/2]
+            n = past.shape[1]
+            key[:, :, :n] = rotate_by_angles(key[:, :, :n], delta[:, None]).to(key.dtype)
+        self.cache_t[layer] = self.t
 
 
-def apply(model: nn.Module, cfg: CLEXConfig) -> Applied:
-    if cfg.act not in ACTIVATIONS:
-        raise ValueError(f"clex act must be one of {sorted(ACTIVATIONS)}, got {cfg.act!r}")
-    if cfg.max_factor is not None:
-        if int(cfg.max_factor) < 1 or int(cfg.max_factor) != cfg.max_factor:
-            raise ValueError(f"clex max_factor must be an integer >= 1, got {cfg.max_factor}")
-        if cfg.factor is None and cfg.target_length is None:
-            cfg.factor = float(cfg.max_factor)
-    if cfg.time_dt <= 0:
-        raise ValueError(f"clex time_dt must be > 0, got {cfg.time_dt}")
+class CLEXFrequencies(FrequencyHook):
+    """Rotary pre-hook: the scale t of this forward (on the runtime) and its row of the frequency table."""
+
+    def __init__(self, runtime: CLEXRuntime, tables: dict[Any, torch.Tensor]) -> None:
+        self.runtime, self.tables = runtime, tables
+        self.layer_types = list(tables)
+
+    def on_length(self, n: int) -> None:
+        self.runtime.t = clex_scale(n, self.runtime.trained, self.runtime.max_factor)
+
+    def frequencies(self, layer_type: str | None, n: int) -> torch.Tensor:
+        return self.tables[layer_type][self.runtime.t - 1]
+
+
+def apply(model: nn.Module, cfg: CLEXConfig, undo: Undo) -> Applied:
+    lengths = cfg
+    if cfg.max_factor is not None and cfg.factor is None and cfg.target_length is None:
+        lengths = dataclasses.replace(cfg, factor=float(cfg.max_factor))
     weights = read_ode_weights(cfg.ode_weights) if cfg.ode_weights else None  # fails before touching the model
-    applied = apply_rope_method(model, NAME, cfg, rope_parameters, post=_post(cfg, weights))
-    applied.params["max_factor"] = int(cfg.max_factor) if cfg.max_factor is not None else math.ceil(applied.factor - 1e-9)
-    if cfg.ode_weights is None:
-        applied.params["training_free"] = True
-    return applied
+    targets = rope_targets(model, NAME, lengths)
+    ctx = targets.first
+    max_factor = int(cfg.max_factor) if cfg.max_factor is not None else int(math.ceil(ctx.factor - 1e-9))
+    tables: dict[int, dict[Any, torch.Tensor]] = {}
+    for cid, config in targets.configs.items():
+        tables[cid] = {}
+        for c in targets.contexts[cid]:
+            theta = layer_params(config, c.layer_type)["rope_theta"]
+            if weights is None:
+                tables[cid][c.layer_type] = clex_training_free_table(c.rotary_dim, theta, max_factor)
+            else:
+                base = default_inv_freq(c.rotary_dim, theta)
+                tables[cid][c.layer_type] = clex_inv_freq_table(base, *weights, cfg.act, max_factor, cfg.time_dt)
+        config.max_position_embeddings = max(targets.contexts[cid][0].target_length, config.max_position_embeddings or 0)
+    runtime = CLEXRuntime(ctx.trained_length, max_factor, cfg.log_scale, tables)
+    for r in targets.rotaries:
+        own_frequencies(r.module, undo)
+        undo.hook(r.module.register_forward_pre_hook(CLEXFrequencies(runtime, tables[id(r.config)]),
+                                                     with_kwargs=True))
+    name = install_attention(model, runtime, undo, attention_modules(model, targets.configs.values()), NAME)
+    source = (f"learned ODE weights from {cfg.ode_weights}" if weights is not None else
+              "no learned weights: the training-free limit, NTK scaling with alpha = 2t - 1")
+    logger.info(f"longctx: clex with {source}; t = ceil(n / {ctx.trained_length}) up to {max_factor}")
+    notes = [f"clex: {source}", f"attention '{name}': cached keys re-rotated once when t steps up"
+             + (f"; queries scaled by log(kv_len) / log({ctx.trained_length})" if cfg.log_scale else "")]
+    params = {k: v for k, v in cfg.to_dict().items() if v is not None}
+    params.update(factor=ctx.factor, target_length=ctx.target_length, trained_length=ctx.trained_length,
+                  max_factor=max_factor)
+    if weights is None:
+        params["training_free"] = True
+    reload = {k: v for k, v in params.items() if k != "training_free"}
+    return Applied(params=params, trained_length=ctx.trained_length, target_length=ctx.target_length,
+                   factor=ctx.factor, layer_types=targets.layer_types(), notes=notes, reload=reload)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# released checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def recognise(raw: dict) -> bool:
+    """A config.json of a CLEX checkpoint as released: ``rope_scaling`` of type ``clex``."""
+    scaling = raw.get("rope_scaling") or {}
+    return isinstance(scaling, dict) and (scaling.get("type") or scaling.get("rope_type")) == "clex"
+
+
+def load_checkpoint(folder: Path, *, dtype: Any = None, device: str | None = None,
+                    allow_training_free: bool = False, **_: Any) -> tuple[Any, dict[str, Any]]:
+    """A CLEX checkpoint as released (CLEX-LLaMA-2, CLEX-Phi-2, CLEX-Mixtral: config.json with ``rope_scaling``
+    ``{"type": "clex", "max_factor", "param_factor", "act", "time_dt"}``, ``log_scale``, an ``auto_map`` to remote
+    code, weights holding ``model.clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj``) on transformers' own class
+    for its model type — no ``trust_remote_code`` — and the ``clex`` parameters to patch it with.
+    ``allow_training_free``: weights without the ODE parameters load with CLEX's training-free limit."""
+    import transformers
+
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    scaling = raw["rope_scaling"]
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"CLEX checkpoint of model type '{model_type}': longctx maps CLEX checkpoints of "
+                         f"{', '.join(FAMILIES)} onto transformers' own classes")
+    try:
+        read_ode_weights(folder)
+        ode_weights: str | None = str(folder)
+    except FileNotFoundError:
+        if not allow_training_free:
+            raise FileNotFoundError(
+                f"{folder} is a CLEX checkpoint (rope_scaling type 'clex') but its weights hold no ODE parameters "
+                "(model.clex_layer.proj_func.ode_up_proj / ode_down_proj); pass allow_training_free=True to load it "
+                "with CLEX's training-free limit (NTK with alpha = 2t - 1)"
+            ) from None
+        ode_weights = None
+    drop = ("model_type", "rope_scaling", "auto_map", "architectures", "log_scale", "use_flashattn",
+            "transformers_version")
+    config = transformers.CONFIG_MAPPING[model_type](**{k: v for k, v in raw.items() if k not in drop})
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32)
+    model = model.eval()
+    if device:
+        model = model.to(device)
+    params = {k: scaling[k] for k in ("max_factor", "param_factor", "act", "time_dt") if k in scaling}
+    params.update(ode_weights=ode_weights, log_scale=bool(raw.get("log_scale", True)))  # CLEXLlamaConfig's default
+    logger.warning(f"longctx: loaded the CLEX checkpoint {folder} as {type(model).__name__} without remote code "
+                   f"({'learned ODE weights' if ode_weights else 'training-free limit: no ODE weights'}, max_factor "
+                   f"{params.get('max_factor')}, log_scale {params['log_scale']})")
+    return model, params
+
+
+def write_ode_weights(source: str, directory: Any) -> str:
+    """An export's copy of the learned ODE weights (``clex_ode.safetensors``); returns how the record names it."""
+    from safetensors.torch import save_file
+
+    tensors = dict(zip((f"model.{k}" for k in ODE_KEYS), read_ode_weights(source)))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / "clex_ode.safetensors"))
+    return "./clex_ode.safetensors"
+
+
+def _legacy(params: dict) -> tuple[dict, dict]:
+    """Saves of longctx < 0.2 wrote rope_type 'longctx_clex' (their longctx block holds the parameters)."""
+    base = {k: v for k, v in params.items() if k not in ("factor", "original_max_position_embeddings")}
+    return {**base, "rope_type": "default"}, {}
+
+
+METHOD = register(Method(NAME, "rope", DESCRIPTION, CLEXConfig, apply, export_form="longctx", recognise=recognise,
+                         load_checkpoint=load_checkpoint, legacy_rope_types={"longctx_clex": _legacy},
+                         carry_files={"ode_weights": write_ode_weights}))

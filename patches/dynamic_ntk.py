@@ -1,197 +1,152 @@
 """Dynamic NTK (emozilla): the NTK base grows with the sequence length, ``α = s·n/L − (s − 1)``.
 
-Two behaviours, both registered as rope types in transformers' ``ROPE_INIT_FUNCTIONS``:
+Two behaviours:
 
-* ``cache_consistent=False`` (default, rope type ``longctx_dynamic``): transformers' own ``dynamic`` behaviour,
-  logits equal to a model loaded with ``rope_parameters={"rope_type": "dynamic", …}``. Frequencies are recomputed
-  when the sequence grows; keys already in the KV cache keep the frequencies they were rotated with
-  (transformers issue 25104), so cached generation past the trained length differs from recomputing the sequence;
-  and the frequencies only grow (a short input after a long one reuses the long one's frequencies until it drops
-  below the trained length).
-* ``cache_consistent=True`` (rope type ``longctx_ntk_by_length``): every forward uses exactly the frequencies of its
-  current length n (= max position + 1, no grow-only memory), and an attention function (registered with
-  ``AttentionInterface`` and ``AttentionMaskInterface``, wrapping the model's own sdpa/eager/flash attention)
-  re-rotates the cached keys from the frequencies they were written with to the current ones:
+* ``cache_consistent=False`` (default): transformers' own ``dynamic`` rope type, written into the config as
+  transformers and vLLM read it — ``{"rope_type": "dynamic", "factor": s}`` with ``max_position_embeddings`` at the
+  trained length L (both count the trained length from it) — so the patched model *is* a standard model: logits
+  equal to one loaded with that config, and a ``save_pretrained`` copy loads anywhere. Frequencies are recomputed
+  when the sequence grows; keys already in the KV cache keep the frequencies they were rotated with (transformers
+  issue 25104), so cached generation past L differs from recomputing the sequence; and the frequencies only grow (a
+  short input after a long one reuses the long one's frequencies until it drops below L).
+* ``cache_consistent=True``: every forward uses exactly the frequencies of its current length n (= max position +
+  1, no grow-only memory: a rotary pre-hook, the config keeps the model's own RoPE and a ``longctx`` block), and an
+  attention runtime (``patches/attention.py``, wrapping the model's own sdpa / eager / flash attention) re-rotates
+  the cached keys from the frequencies they were written with to the current ones:
   ``R(p·f_now) k = R(p·(f_now − f_then)) · R(p·f_then) k``. Every attention call then sees query and keys under one
   set of frequencies, as RoPE's relative-position property requires: for a one-layer model cached decoding equals
   recomputing the sequence; in deeper models the cached states of later layers were computed from hidden states at
   the earlier length, which no cache can undo (``use_cache=False`` is the exact recomputation). Cost
   O(cache · head_dim) per layer per step, no extra cache. Beam-search cache reordering is not tracked in this mode.
-
-transformers' ``dynamic`` type reads the trained length from ``max_position_embeddings``; longctx's types read it
-from ``rope_parameters["original_max_position_embeddings"]``, so ``max_position_embeddings`` can announce the target
-length like every other method.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longctx.core.rope import dynamic_ntk_inv_freq, rotate_by_angles
 from longctx.models import layer_params, rotary_dim
 
-from .base import Applied, Undo
-from .rope_common import (
-    RopeConfig,
-    RopeContext,
-    apply_rope_method,
-    base_attention,
-    install_attention_wrapper,
-    layer_type_of,
-)
+from .attention import AttentionRuntime, CachedPositions, attention_modules, install_attention
+from .base import Applied, LengthConfig, Undo, param
+from .registry import Method, register
+from .rope_common import FrequencyHook, RopeContext, apply_rope_method, own_frequencies, layer_type_of, rope_applied, \
+    rope_targets
 
 NAME = "dynamic_ntk"
 DESCRIPTION = (
     "Dynamic NTK: base grows with the current length (transformers' 'dynamic'); cache_consistent=True rotates "
     "cached keys to the current frequencies (no stale-cache mismatch)."
 )
-ROPE_TYPE = "longctx_dynamic"
-ROPE_TYPE_CONSISTENT = "longctx_ntk_by_length"
-ATTN_PREFIX = "longctx_ntk_by_length_"
 
 
-@dataclass
-class DynamicNTKConfig(RopeConfig):
+@dataclass(frozen=True)
+class DynamicNTKConfig(LengthConfig):
     """Dynamic NTK. ``cache_consistent``: see the module docstring."""
 
-    cache_consistent: bool = False
-
-
-def _seq_len_to_int(seq_len: Any, default: int) -> int:
-    if seq_len is None:
-        return default
-    if isinstance(seq_len, torch.Tensor):
-        return int(seq_len.max().item())
-    return int(seq_len)
-
-
-def compute_dynamic_parameters(
-    config: Any, device: torch.device | None = None, seq_len: Any = None, layer_type: str | None = None, **_: Any
-) -> tuple[torch.Tensor, float]:
-    """``ROPE_INIT_FUNCTIONS`` entry for both longctx dynamic types (the length only comes from the rope params)."""
-    params = layer_params(config, layer_type)
-    original = int(params["original_max_position_embeddings"])
-    n = _seq_len_to_int(seq_len, original)
-    inv_freq = dynamic_ntk_inv_freq(rotary_dim(config, params), params["rope_theta"], params["factor"], n, original)
-    return inv_freq.to(device) if device is not None else inv_freq, 1.0
-
-
-ROPE_INIT_FUNCTIONS[ROPE_TYPE] = compute_dynamic_parameters
-ROPE_INIT_FUNCTIONS[ROPE_TYPE_CONSISTENT] = compute_dynamic_parameters
+    method: ClassVar[str] = NAME
+    cache_consistent: bool = param(False, kind=bool, optional=False,
+                                   doc="frequencies of the current length in every forward; cached keys re-rotated")
 
 
 def rope_parameters(cfg: DynamicNTKConfig, params: dict, ctx: RopeContext) -> dict:
-    return {
-        **params,
-        "rope_type": ROPE_TYPE_CONSISTENT if cfg.cache_consistent else ROPE_TYPE,
-        "factor": ctx.factor,
-        "original_max_position_embeddings": ctx.trained_length,
-    }
+    """transformers' (and vLLM's) ``dynamic``: they read the trained length from ``max_position_embeddings``."""
+    params = {k: v for k, v in params.items() if k != "original_max_position_embeddings"}
+    return {**params, "rope_type": "dynamic", "factor": ctx.factor,
+            "__max_position_embeddings__": ctx.trained_length}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# cache-consistent mode: per-forward frequencies + key re-rotation in attention
-# ---------------------------------------------------------------------------------------------------------------
-class _History:
-    """Per attention layer: the position and the frequencies each cached key was rotated with."""
-
-    def __init__(self) -> None:
-        self.positions: torch.Tensor | None = None  # [B, kv] fp32
-        self.inv_freq: torch.Tensor | None = None  # [kv, rot/2] fp32
+def _frequencies(config: Any, layer_type: str | None, factor: float, trained: int, n: int,
+                 device: Any = None) -> torch.Tensor:
+    params = layer_params(config, layer_type)
+    return dynamic_ntk_inv_freq(rotary_dim(config, params), params["rope_theta"], factor, n, trained, device)
 
 
-# id(config) -> {layer key -> _History}; entries exist only while a model is patched in this mode
-_STATES: dict[int, dict[Any, _History]] = {}
+class ByLengthFrequencies(FrequencyHook):
+    """Rotary pre-hook: exactly the frequencies of the current length (no grow-only hysteresis)."""
+
+    def __init__(self, config: Any, layer_types: list[str | None], factor: float, trained: int) -> None:
+        self.config, self.layer_types, self.factor, self.trained = config, layer_types, factor, trained
+
+    def frequencies(self, layer_type: str | None, n: int) -> torch.Tensor:
+        return _frequencies(self.config, layer_type, self.factor, self.trained, n)
 
 
-def _make_attention(base: str):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        histories = _STATES.get(id(module.config))
-        layer_type = layer_type_of(module) if histories is not None else None
-        params = layer_params(module.config, layer_type) if histories is not None else None
-        if histories is None or params.get("rope_type") != ROPE_TYPE_CONSISTENT:
-            return base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
-        key = _rerotate_keys(module, key, query.shape[2], kwargs.get("position_ids"), params, histories)
-        return base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+class ConsistentCacheRuntime(AttentionRuntime):
+    """Re-rotates each layer's cached keys from the frequencies they were written with to the current ones."""
 
-    attention.__name__ = f"{ATTN_PREFIX}{base}"
-    return attention
+    transient: ClassVar[tuple[str, ...]] = ("cached", "written")
 
+    def __init__(self, layer_types: list[str | None], factor: float, trained: int) -> None:
+        self.layer_types, self.factor, self.trained = layer_types, factor, trained
+        self.__dict__.update(self.fresh_transient())
 
-def _rerotate_keys(module, key, q_len, position_ids, params, histories) -> torch.Tensor:
-    batch, _, kv_len, _ = key.shape
-    device = key.device
-    if position_ids is None:
-        position_ids = torch.arange(kv_len - q_len, kv_len, device=device)[None]
-    pos = position_ids.to(device=device, dtype=torch.float32).expand(batch, q_len)
-    original = int(params["original_max_position_embeddings"])
-    seq_len = int(position_ids.max().item()) + 1
-    dim = rotary_dim(module.config, params)
-    inv_now = dynamic_ntk_inv_freq(dim, params["rope_theta"], params["factor"], seq_len, original, device)
+    def fresh_transient(self) -> dict[str, Any]:
+        # layer -> [kv, rot/2] fp32: the frequencies each cached key was rotated with
+        return {"cached": CachedPositions("dynamic_ntk(cache_consistent=True)"), "written": {}}
 
-    hist = histories.setdefault(module.layer_idx, _History())
-    if kv_len == q_len or hist.positions is None:
-        hist.positions, hist.inv_freq = pos.clone(), inv_now.expand(q_len, -1).clone()
-    else:
-        if hist.positions.shape[1] + q_len != kv_len or hist.positions.shape[0] != batch:
-            raise RuntimeError(
-                "dynamic_ntk(cache_consistent=True) lost track of the KV cache (its length or batch changed outside "
-                "a forward: cache cropping or beam reordering are not supported in this mode)"
-            )
-        hist.positions = torch.cat((hist.positions, pos), dim=1)
-        hist.inv_freq = torch.cat((hist.inv_freq, inv_now.expand(q_len, -1)), dim=0)
-    delta = hist.positions[..., None] * (inv_now - hist.inv_freq)[None]  # [B, kv, rot/2]
-    if not torch.any(delta):
-        return key
-    return rotate_by_angles(key, delta[:, None])
+    def forward(self, module, query, key, value, attention_mask, **kwargs):
+        layer_type = layer_type_of(module)
+        if layer_type in self.layer_types:
+            key = self._rerotate(module, key, query.shape[2], kwargs.get("position_ids"), layer_type)
+        return self.call_base(module, query, key, value, attention_mask, **kwargs)
+
+    def _rerotate(self, module, key, q_len, position_ids, layer_type) -> torch.Tensor:
+        batch, _, kv_len, _ = key.shape
+        if position_ids is None:
+            position_ids = torch.arange(kv_len - q_len, kv_len, device=key.device)[None]
+        n = int(position_ids.max().item()) + 1
+        now = _frequencies(module.config, layer_type, self.factor, self.trained, n, key.device)
+        layer = module.layer_idx
+        past = self.cached.update(layer, position_ids, batch, q_len, kv_len, key.device)
+        written = now.expand(q_len, -1)
+        self.written[layer] = written.clone() if past is None else torch.cat((self.written[layer], written), dim=0)
+        if past is None:
+            return key
+        positions = self.cached.layers[layer]
+        delta = positions[..., None] * (now - self.written[layer])[None]  # [B, kv, rot/2]
+        if not torch.any(delta):
+            return key
+        return rotate_by_angles(key, delta[:, None])
 
 
-def _frequency_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Set the rotary module's frequencies to exactly those of the current length (no grow-only hysteresis)."""
-    position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-    if position_ids is None:
-        return
-    seq_len = int(position_ids.max().item()) + 1
-    config = module.config
-    rope_types = module.rope_type if isinstance(module.rope_type, dict) else {None: module.rope_type}
-    for layer_type, rope_type in rope_types.items():
-        if rope_type != ROPE_TYPE_CONSISTENT:
-            continue
-        prefix = f"{layer_type}_" if layer_type is not None else ""
-        buf = getattr(module, f"{prefix}inv_freq")
-        inv_freq, _ = compute_dynamic_parameters(config, seq_len=seq_len, layer_type=layer_type)
-        buf.copy_(inv_freq.to(buf.device, buf.dtype))
+def apply(model: nn.Module, cfg: DynamicNTKConfig, undo: Undo) -> Applied:
+    if not cfg.cache_consistent:
+        return rope_applied(apply_rope_method(model, NAME, cfg, rope_parameters, undo), cfg)
+    targets = rope_targets(model, NAME, cfg)
+    ctx = targets.first
+    for cid, config in targets.configs.items():
+        config.max_position_embeddings = max(ctx.target_length, config.max_position_embeddings or 0)
+    layer_types = [c.layer_type for c in targets.first_contexts()]
+    for r in targets.rotaries:
+        own_frequencies(r.module, undo)
+        hook = ByLengthFrequencies(r.config, layer_types, ctx.factor, ctx.trained_length)
+        undo.hook(r.module.register_forward_pre_hook(hook, with_kwargs=True))
+    runtime = ConsistentCacheRuntime(layer_types, ctx.factor, ctx.trained_length)
+    name = install_attention(model, runtime, undo, attention_modules(model, targets.configs.values()),
+                             "dynamic_ntk(cache_consistent=True)")
+    notes = [f"cache-consistent: attention '{name}' re-rotates cached keys to the current frequencies"]
+    return rope_applied(targets, cfg, notes)
 
 
-def _post(model: nn.Module, rotaries: list, undo: Undo, contexts: list[RopeContext]) -> list[str]:
-    notes = []
-    configs = {id(r.config): r.config for r in rotaries}
-    if not any(r.config.rope_parameters.get("rope_type") == ROPE_TYPE_CONSISTENT or any(
-        isinstance(p, dict) and p.get("rope_type") == ROPE_TYPE_CONSISTENT for p in r.config.rope_parameters.values()
-    ) for r in rotaries):
-        # standard mode: transformers' dynamic semantics count the trained length from these attributes
-        for r in rotaries:
-            ctx = contexts[0]
-            r.module.max_seq_len_cached = ctx.trained_length
-            r.module.original_max_seq_len = ctx.trained_length
-        return notes
-    for r in rotaries:
-        handle = r.module.register_forward_pre_hook(_frequency_pre_hook, with_kwargs=True)
-        undo.push(handle.remove)
-    for cid, config in configs.items():
-        _STATES[cid] = {}
-        undo.push(lambda cid=cid: _STATES.pop(cid, None))
-    name = install_attention_wrapper(model, ATTN_PREFIX, _make_attention, "dynamic_ntk(cache_consistent=True)", undo)
-    notes.append(f"cache-consistent: attention '{name}' re-rotates cached keys to the current frequencies")
-    weakref.finalize(model, lambda ids=list(configs): [_STATES.pop(i, None) for i in ids])
-    return notes
+def _legacy(cache_consistent: bool):
+    """Saves of longctx < 0.2 wrote rope types 'longctx_dynamic' / 'longctx_ntk_by_length'."""
+    def convert(params: dict) -> tuple[dict, dict]:
+        base = {k: v for k, v in params.items() if k not in ("factor", "original_max_position_embeddings")}
+        patch = {"factor": params["factor"], "trained_length": params["original_max_position_embeddings"],
+                 "cache_consistent": cache_consistent}
+        return {**base, "rope_type": "default"}, patch
+
+    return convert
 
 
-def apply(model: nn.Module, cfg: DynamicNTKConfig) -> Applied:
-    return apply_rope_method(model, NAME, cfg, rope_parameters, post=_post)
+METHOD = register(Method(
+    NAME, "rope", DESCRIPTION, DynamicNTKConfig, apply,
+    export_form=lambda params: "longctx" if params.get("cache_consistent") else "config",
+    aliases=("dynamic", "ntk_dynamic"),
+    legacy_rope_types={"longctx_dynamic": _legacy(False), "longctx_ntk_by_length": _legacy(True)},
+))

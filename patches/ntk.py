@@ -6,23 +6,26 @@ Expressed as a plain ``default`` rope with a new ``rope_theta``, so a saved mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
 from longctx.core.rope import ntk_base
 
-from .base import Applied
-from .rope_common import RopeConfig, RopeContext, apply_rope_method
+from .base import Applied, LengthConfig, Undo, param
+from .registry import Method, register
+from .rope_common import RopeContext, apply_rope_method, rope_applied
 
 NAME = "ntk"
 DESCRIPTION = "Static NTK-aware scaling: rope_theta raised to base·s^(d/(d-2)) (d = rotary dim)."
 
 
-@dataclass
-class NTKConfig(RopeConfig):
+@dataclass(frozen=True)
+class NTKConfig(LengthConfig):
     """Static NTK. ``alpha`` overrides the scale used in the base formula (default: the factor itself)."""
 
-    alpha: float | None = None
+    method: ClassVar[str] = NAME
+    alpha: float | None = param(kind=float, ge=1, doc="the scale in the base formula (default: the factor)")
 
 
 def rope_parameters(cfg: NTKConfig, params: dict, ctx: RopeContext) -> dict:
@@ -30,5 +33,8 @@ def rope_parameters(cfg: NTKConfig, params: dict, ctx: RopeContext) -> dict:
     return {**params, "rope_type": "default", "rope_theta": ntk_base(params["rope_theta"], scale, ctx.rotary_dim)}
 
 
-def apply(model: nn.Module, cfg: NTKConfig) -> Applied:
-    return apply_rope_method(model, NAME, cfg, rope_parameters)
+def apply(model: nn.Module, cfg: NTKConfig, undo: Undo) -> Applied:
+    return rope_applied(apply_rope_method(model, NAME, cfg, rope_parameters, undo), cfg)
+
+
+METHOD = register(Method(NAME, "rope", DESCRIPTION, NTKConfig, apply, export_form="config", aliases=("ntk_aware",)))

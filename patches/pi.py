@@ -1,29 +1,38 @@
 """Position interpolation (Chen et al. 2023, "Extending Context Window of LLMs via Positional Interpolation").
 
-Expressed with transformers' own ``linear`` rope type: every frequency divided by the factor.
+Expressed with transformers' own ``linear`` rope type: every frequency divided by the factor. On an absolute-position
+encoder ``pi`` means ``pi_absolute`` (the learned table interpolated, ``patches/absolute/pi.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
-from .base import Applied
-from .rope_common import RopeConfig, RopeContext, apply_rope_method
+from .base import Applied, LengthConfig, Undo
+from .registry import Method, register
+from .rope_common import RopeContext, apply_rope_method, rope_applied
 
 NAME = "pi"
 DESCRIPTION = "Position interpolation: positions squeezed by the factor (transformers rope_type 'linear')."
 
 
-@dataclass
-class PIConfig(RopeConfig):
-    """Position interpolation. Only ``factor`` / ``target_length`` (see :class:`RopeConfig`)."""
+@dataclass(frozen=True)
+class PIConfig(LengthConfig):
+    """Position interpolation: only ``factor`` / ``target_length`` (and ``trained_length``)."""
+
+    method: ClassVar[str] = NAME
 
 
 def rope_parameters(cfg: PIConfig, params: dict, ctx: RopeContext) -> dict:
     return {**params, "rope_type": "linear", "factor": ctx.factor}
 
 
-def apply(model: nn.Module, cfg: PIConfig) -> Applied:
-    return apply_rope_method(model, NAME, cfg, rope_parameters)
+def apply(model: nn.Module, cfg: PIConfig, undo: Undo) -> Applied:
+    return rope_applied(apply_rope_method(model, NAME, cfg, rope_parameters, undo), cfg)
+
+
+METHOD = register(Method(NAME, "rope", DESCRIPTION, PIConfig, apply, export_form="config", aliases=("linear",),
+                         on_absolute="pi_absolute"))

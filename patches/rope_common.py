@@ -1,57 +1,45 @@
-"""Shared glue of the frequency-scaling methods (pi, ntk, dynamic_ntk, yarn).
+"""Shared glue of the RoPE methods (floor 3): lengths, the rotary modules, their fp32 guard and in-place rebuild.
 
-Every such method is "new ``rope_parameters`` for the extended layer types". The glue:
+A frequency method (pi, ntk, dynamic_ntk, yarn) is "new standard ``rope_parameters`` for the extended layer types":
 
-1. finds the model's rotary modules (``longctx.models.find_rotary_modules``) and their configs;
-2. resolves the factor from ``factor`` / ``target_length`` and the trained length;
-3. writes the method's ``rope_parameters`` into the config (flat, or per layer type: sliding/local layers are left
-   alone) and sets ``max_position_embeddings`` to the target length;
-4. rebuilds each rotary module *in place* from its class and the new config — the module object, its hooks
-   (accelerate's device hooks included) and its device stay; only its buffers and plain attributes are swapped;
-5. returns an undo that restores the old buffers (the very same tensors), attributes and config values, so
-   ``unpatch`` is bit-exact.
+1. :func:`rope_targets` finds the rotary modules (``longctx.models.find_rotary_modules``), resolves the factor from
+   ``factor`` / ``target_length`` and the trained length, and lists the layer types to extend (sliding / local
+   layers are left alone);
+2. :func:`apply_rope_method` writes the method's ``rope_parameters`` (transformers' own rope types only — ``linear``,
+   ``yarn``, ``dynamic``, ``default`` with a new θ — so a saved config loads in plain transformers) into the model's
+   own config copy, and rebuilds each rotary module **in place** from its class: the module object, its hooks
+   (accelerate's) and its device stay, only buffers and plain attributes are swapped;
+3. :class:`RotaryGuard` is installed on every rotary module a RoPE method relies on: ``.to(dtype)`` / ``.half()`` /
+   ``.cuda()`` keep its frequencies in fp32 (on the new device), and the buffers saved for ``unpatch`` follow the
+   same casts and moves, so unpatch gives exactly what the never-patched module would hold now.
+
+Methods whose frequencies no standard config expresses (CLEX's per-length scale, dynamic NTK's cache-consistent mode)
+keep the model's default ``rope_parameters`` and set the frequencies of each forward with a :class:`FrequencyHook`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from longctx.core.rope import resolve_factor
 from longctx.models import (
     NotARopeModelError,
-    buffer_device,
     extendable_layer_types,
     find_rotary_modules,
+    layer_params,
     rotary_dim,
     trained_length,
 )
 
-from .base import Applied, Undo
+from .base import Action, LengthConfig, Undo
 
-__all__ = ["RopeConfig", "RopeContext", "apply_rope_method", "rebuild_rotary", "layer_type_of", "base_attention",
-           "install_attention_wrapper"]
-
-
-@dataclass
-class RopeConfig:
-    """Parameters every frequency method takes.
-
-    Give ``factor`` (target / trained length) or ``target_length``; ``trained_length`` overrides what the config
-    says (``original_max_position_embeddings``, else ``max_position_embeddings``).
-    """
-
-    factor: float | None = None
-    target_length: int | None = None
-    trained_length: int | None = None
+__all__ = ["RopeContext", "RopeTargets", "rope_targets", "apply_rope_method", "rebuild_rotary", "guard_rotary",
+           "RotaryGuard", "FrequencyHook", "layer_type_of", "frequency_buffer", "check_default_rope", "rope_applied", "own_frequencies"]
 
 
 @dataclass
@@ -65,20 +53,181 @@ class RopeContext:
     layer_type: str | None
 
 
-# (method config, old per-layer params, context) -> new per-layer params
-ParamsFn = Callable[[Any, dict, RopeContext], dict]
-# (model, rotary modules, undo, contexts) -> notes; for methods that need more than new rope_parameters
-PostFn = Callable[[nn.Module, list, Undo, list[RopeContext]], list[str]]
+@dataclass
+class RopeTargets:
+    """The rotary modules of a model and, per config they use, the layer types to extend."""
+
+    rotaries: list[Any]  # longctx.models.RotaryInfo
+    configs: dict[int, Any]  # id -> config
+    contexts: dict[int, list[RopeContext]]  # config id -> one context per extended layer type (None: flat)
+
+    @property
+    def first(self) -> RopeContext:
+        return next(iter(self.contexts.values()))[0]
+
+    def layer_types(self) -> list[str] | None:
+        return [c.layer_type for c in self.first_contexts() if c.layer_type is not None] or None
+
+    def first_contexts(self) -> list[RopeContext]:
+        return next(iter(self.contexts.values()))
+
+
+def _no_rope(model: nn.Module, method: str) -> NotARopeModelError:
+    return NotARopeModelError(
+        f"{type(model).__name__} has no rotary position embeddings (no ROPE_INIT_FUNCTIONS-based rotary module), "
+        f"so the RoPE method '{method}' cannot apply. For absolute-position encoders (BERT, MiniLM, E5) use the "
+        "absolute-position methods ('pi' on the position table, 'grouped', 'recurrent', 'pcw')."
+    )
+
+
+def check_default_rope(config: Any, layer_types: list[str] | None, method: str) -> None:
+    """Frequency methods start from plain RoPE: refuse a model whose extended layers already use a scaled type."""
+    for layer_type in layer_types or [None]:
+        current = layer_params(config, layer_type).get("rope_type", "default")
+        if current != "default":
+            where = f" for layer type '{layer_type}'" if layer_type else ""
+            raise ValueError(
+                f"the model already uses rope_type '{current}'{where}; longctx's {method} starts from plain RoPE "
+                "(rope_type 'default'). Load the base checkpoint, or set trained_length to the length the scaled "
+                "model really reaches and start from its default RoPE."
+            )
+
+
+def rope_targets(model: nn.Module, method: str, cfg: LengthConfig, *, default_rope: bool = True) -> RopeTargets:
+    """Resolve lengths and layer types for every config the rotary modules use; raise before any change."""
+    rotaries = find_rotary_modules(model)
+    if not rotaries:
+        raise _no_rope(model, method)
+    configs = {id(r.config): r.config for r in rotaries}
+    contexts: dict[int, list[RopeContext]] = {}
+    for cid, config in configs.items():
+        trained = int(cfg.trained_length) if cfg.trained_length else trained_length(config)
+        factor = resolve_factor(trained, cfg.factor, cfg.target_length)
+        target = int(cfg.target_length) if cfg.target_length else int(math.ceil(trained * factor))
+        layer_types = extendable_layer_types(config)
+        if layer_types is not None and not layer_types:
+            raise ValueError(
+                f"{type(config).__name__} only has local (sliding/chunked) rotary layers {list(config.rope_parameters)}"
+                "; there is no global layer to extend"
+            )
+        if default_rope:
+            check_default_rope(config, layer_types, method)
+        contexts[cid] = [RopeContext(factor, trained, target, rotary_dim(config, layer_params(config, lt)), lt)
+                         for lt in layer_types or [None]]
+    return RopeTargets(rotaries, configs, contexts)
+
+
+def apply_rope_method(model: nn.Module, method: str, cfg: LengthConfig, params_fn: Any, undo: Undo,
+                      targets: RopeTargets | None = None) -> RopeTargets:
+    """Write ``params_fn(cfg, old layer params, context)`` as the ``rope_parameters`` of each extended layer type of
+    each config (the model's own copies: see ``privatize_configs``), raise ``max_position_embeddings`` to the target
+    (``params_fn`` may set another value under the key ``"__max_position_embeddings__"``), and rebuild the rotary
+    modules in place. Returns the resolved targets."""
+    targets = targets or rope_targets(model, method, cfg)
+    for cid, config in targets.configs.items():
+        params = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.rope_parameters.items()}
+        max_positions = None
+        for ctx in targets.contexts[cid]:
+            old = params[ctx.layer_type] if ctx.layer_type is not None else params
+            new = params_fn(cfg, dict(old), ctx)
+            max_positions = new.pop("__max_position_embeddings__", max_positions)
+            if ctx.layer_type is None:
+                params = new
+            else:
+                params[ctx.layer_type] = new
+        config.rope_parameters = params
+        target = targets.contexts[cid][0].target_length
+        config.max_position_embeddings = (max_positions if max_positions is not None
+                                          else max(target, getattr(config, "max_position_embeddings", 0) or 0))
+    for r in targets.rotaries:
+        rebuild_rotary(r.module, undo)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rotary modules: fp32 guard and in-place rebuild
+# ---------------------------------------------------------------------------------------------------------------
+def _frequency_names(module: nn.Module) -> list[str]:
+    return [n for n, b in module._buffers.items() if b is not None and n.endswith("inv_freq")]
+
+
+class RotaryGuard(Action):
+    """Installed as a rotary module's ``_apply`` (an instance attribute; the class is untouched) while a RoPE method
+    is applied: casts and moves run as usual, then the frequency buffers that were fp32 are put back in fp32 on
+    their new device (transformers' rotary modules would otherwise let ``.to(bfloat16)`` round them). The buffers and
+    attributes saved by :func:`rebuild_rotary` follow every cast and move exactly as they would have inside the
+    module. As the undo action it puts them back and removes itself."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved_attrs: dict[str, Any] | None = None
+        self.saved_buffers: dict[str, torch.Tensor | None] | None = None
+        self.saved_non_persistent: set[str] | None = None
+
+    def __call__(self, fn: Any, recurse: bool = True) -> nn.Module:
+        module = self.module
+        fp32 = {n: module._buffers[n] for n in _frequency_names(module) if module._buffers[n].dtype == torch.float32}
+        type(module)._apply(module, fn, recurse)
+        for name, before in fp32.items():
+            now = module._buffers.get(name)
+            if now is not None and now.dtype != torch.float32:
+                module._buffers[name] = before.to(now.device)
+        if self.saved_buffers is not None:
+            self.saved_buffers = {n: fn(b) if b is not None else None for n, b in self.saved_buffers.items()}
+        return module
+
+    def undo(self) -> None:
+        module = self.module
+        if self.saved_attrs is not None:
+            for key in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
+                if key not in self.saved_attrs:
+                    del module.__dict__[key]
+            module.__dict__.update(self.saved_attrs)
+            module._buffers.clear()
+            module._buffers.update(self.saved_buffers)
+            module._non_persistent_buffers_set.clear()
+            module._non_persistent_buffers_set.update(self.saved_non_persistent)
+        module.__dict__.pop("_apply", None)
+
+
+def guard_rotary(module: nn.Module, undo: Undo) -> RotaryGuard:
+    """Keep ``module``'s frequencies fp32 through casts while patched (see :class:`RotaryGuard`); idempotent."""
+    guard = module.__dict__.get("_apply")
+    if isinstance(guard, RotaryGuard):
+        return guard
+    guard = RotaryGuard(module)
+    module.__dict__["_apply"] = guard
+    undo.push(guard)
+    return guard
+
+
+def _save(guard: RotaryGuard, module: nn.Module) -> None:
+    if guard.saved_attrs is None:
+        guard.saved_attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+        guard.saved_buffers = dict(module._buffers)
+        guard.saved_non_persistent = set(module._non_persistent_buffers_set)
+
+
+def own_frequencies(module: nn.Module, undo: Undo) -> None:
+    """Give ``module`` its own copies of its frequency buffers (for a :class:`FrequencyHook` that writes into them
+    every forward); the originals — the very tensors — come back with the undo."""
+    guard = guard_rotary(module, undo)
+    _save(guard, module)
+    for name in _frequency_names(module):
+        module._buffers[name] = module._buffers[name].clone()
 
 
 def rebuild_rotary(module: nn.Module, undo: Undo) -> None:
-    """Re-run the rotary class on its (already edited) config and move the result into ``module`` in place."""
-    device = buffer_device(module)
+    """Re-run the rotary class on its (already edited) config and move the result into ``module`` in place; the old
+    buffers (the very same tensors) and attributes are saved on its :class:`RotaryGuard` for the undo."""
+    guard = guard_rotary(module, undo)
+    device = next((b.device for n, b in module._buffers.items() if b is not None and n.endswith("inv_freq")),
+                  torch.device("cpu"))
     fresh = type(module)(module.config)
-    saved_attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
-    saved_buffers = dict(module._buffers)
-    saved_non_persistent = set(module._non_persistent_buffers_set)
-
+    _save(guard, module)
+    for key in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
+        if key not in vars(fresh):
+            del module.__dict__[key]
     for key, value in vars(fresh).items():
         if not key.startswith("_") and key != "training":
             module.__dict__[key] = value
@@ -88,113 +237,36 @@ def rebuild_rotary(module: nn.Module, undo: Undo) -> None:
     module._non_persistent_buffers_set.clear()
     module._non_persistent_buffers_set.update(fresh._non_persistent_buffers_set)
 
-    def restore() -> None:
-        for key in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
-            if key not in saved_attrs:
-                del module.__dict__[key]
-        module.__dict__.update(saved_attrs)
-        module._buffers.clear()
-        module._buffers.update(saved_buffers)
-        module._non_persistent_buffers_set.clear()
-        module._non_persistent_buffers_set.update(saved_non_persistent)
 
-    undo.push(restore)
+def frequency_buffer(module: nn.Module, layer_type: str | None) -> torch.Tensor:
+    """The ``inv_freq`` buffer of ``layer_type`` (``{layer_type}_inv_freq``) or the flat one."""
+    return getattr(module, f"{layer_type}_inv_freq" if layer_type is not None else "inv_freq")
 
 
-def apply_rope_method(
-    model: nn.Module,
-    method: str,
-    cfg: RopeConfig,
-    params_fn: ParamsFn,
-    post: PostFn | None = None,
-) -> Applied:
-    """Apply a frequency method given its per-layer ``rope_parameters`` function; see the module docstring."""
-    rotaries = find_rotary_modules(model)
-    if not rotaries:
-        raise NotARopeModelError(
-            f"{type(model).__name__} has no rotary position embeddings (no ROPE_INIT_FUNCTIONS-based rotary module), "
-            f"so the RoPE method '{method}' cannot apply. For absolute-position encoders (BERT, MiniLM, E5) use the "
-            "absolute-position methods ('pi' on the position table, 'grouped', 'recurrent', 'pcw')."
-        )
-    undo = Undo()
-    contexts: list[RopeContext] = []
-    try:
-        configs = {id(r.config): r.config for r in rotaries}
-        for config in configs.values():
-            contexts.extend(_edit_config(config, method, cfg, params_fn, undo))
-        for r in rotaries:
-            rebuild_rotary(r.module, undo)
-        notes = post(model, rotaries, undo, contexts) if post is not None else []
-    except BaseException:
-        undo()
-        raise
-    first = contexts[0]
-    resolved = {k: v for k, v in asdict(cfg).items() if v is not None}
-    resolved.update(factor=first.factor, target_length=first.target_length, trained_length=first.trained_length)
-    layer_types = [c.layer_type for c in contexts if c.layer_type is not None] or None
-    return Applied(
-        method=method,
-        params=resolved,
-        trained_length=first.trained_length,
-        target_length=first.target_length,
-        factor=first.factor,
-        layer_types=layer_types,
-        revert=undo,
-        notes=notes,
-    )
+class FrequencyHook:
+    """A forward pre-hook on a rotary module that sets the frequencies of each forward from its length n (largest
+    position + 1): ``frequencies(layer_type, n)`` gives them (fp32, ``[rot/2]``), written into the buffer in place.
+    Subclasses are plain data (they deep-copy and pickle with the model)."""
+
+    layer_types: list[str | None]
+
+    def frequencies(self, layer_type: str | None, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_length(self, n: int) -> None:
+        """Called once per forward with its length, before the frequencies are set."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if position_ids is None:
+            return
+        n = int(position_ids.max().item()) + 1
+        self.on_length(n)
+        for layer_type in self.layer_types:
+            buf = frequency_buffer(module, layer_type)
+            buf.copy_(self.frequencies(layer_type, n).to(buf.device, buf.dtype))
 
 
-def _edit_config(config: Any, method: str, cfg: RopeConfig, params_fn: ParamsFn, undo: Undo) -> list[RopeContext]:
-    trained = int(cfg.trained_length) if cfg.trained_length else trained_length(config)
-    factor = resolve_factor(trained, cfg.factor, cfg.target_length)
-    target = int(cfg.target_length) if cfg.target_length else int(math.ceil(trained * factor))
-
-    old_params = copy.deepcopy(config.rope_parameters)
-    new_params = copy.deepcopy(old_params)
-    layer_types = extendable_layer_types(config)
-    if layer_types is not None and not layer_types:
-        raise ValueError(
-            f"{type(config).__name__} only has local (sliding/chunked) rotary layers {list(old_params)}; "
-            "there is no global layer to extend"
-        )
-    contexts = []
-    for layer_type in layer_types or [None]:
-        params = new_params[layer_type] if layer_type is not None else new_params
-        current = params.get("rope_type", "default")
-        if current != "default":
-            where = f" for layer type '{layer_type}'" if layer_type else ""
-            raise ValueError(
-                f"the model already uses rope_type '{current}'{where}; longctx's frequency methods start from "
-                "plain RoPE (rope_type 'default'). Load the base checkpoint, or set trained_length to the length "
-                "the scaled model really reaches and start from its default RoPE."
-            )
-        ctx = RopeContext(
-            factor=factor,
-            trained_length=trained,
-            target_length=target,
-            rotary_dim=rotary_dim(config, params),
-            layer_type=layer_type,
-        )
-        updated = params_fn(cfg, dict(params), ctx)
-        if layer_type is None:
-            new_params = updated
-        else:
-            new_params[layer_type] = updated
-        contexts.append(ctx)
-
-    def restore_params() -> None:
-        config.rope_parameters = old_params
-
-    config.rope_parameters = new_params
-    undo.push(restore_params)
-    undo.setattr(config, "max_position_embeddings", max(target, getattr(config, "max_position_embeddings", 0) or 0))
-    return contexts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# attention functions that wrap the model's own (sdpa / eager / flash …): registered with AttentionInterface and,
-# with the base's mask function, AttentionMaskInterface (without the second the model would silently get no mask)
-# ---------------------------------------------------------------------------------------------------------------
 def layer_type_of(module: nn.Module) -> str | None:
     """The layer type of an attention module whose config nests ``rope_parameters`` per layer type, else None."""
     config = module.config
@@ -205,30 +277,13 @@ def layer_type_of(module: nn.Module) -> str | None:
     return layer_types[module.layer_idx] if nested else None
 
 
-def base_attention(name: str, module: nn.Module) -> Callable:
-    """The attention function ``name`` stands for (``eager``: the module's own ``eager_attention_forward``)."""
-    if name == "eager":
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[name]
+def rope_applied(targets: RopeTargets, cfg: LengthConfig, notes: list[str] | None = None) -> Any:
+    """The :class:`~longctx.patches.base.Applied` record of a RoPE method: the given parameters with factor,
+    target and trained length resolved."""
+    from .base import Applied
 
-
-def install_attention_wrapper(model: nn.Module, prefix: str, make: Callable[[str], Callable], method: str,
-                              undo: Undo) -> str:
-    """Switch ``model`` to the attention function ``make(base)`` registered as ``prefix + base`` (``base``: the
-    model's current implementation); returns the name, and pushes the switch back onto ``undo``."""
-    base = model.config._attn_implementation
-    if base.startswith(prefix):
-        base = base[len(prefix):]
-    name = f"{prefix}{base}"
-    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            raise ValueError(f"{method} cannot wrap attention implementation '{base}'; supported: "
-                             f"{sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}")
-        AttentionInterface.register(name, make(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    model.set_attn_implementation(name)
-    undo.push(lambda: model.set_attn_implementation(base))
-    return name
+    first = targets.first
+    resolved = {k: v for k, v in cfg.to_dict().items() if v is not None}
+    resolved.update(factor=first.factor, target_length=first.target_length, trained_length=first.trained_length)
+    return Applied(params=resolved, trained_length=first.trained_length, target_length=first.target_length,
+                   factor=first.factor, layer_types=targets.layer_types(), notes=list(notes or []))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +28,9 @@ from torch import nn
 from longctx.core.positions import V2PE_DELTAS, v2pe_auto_delta, v2pe_length, v2pe_position_ids
 from longctx.models import find_rotary_modules, trained_length
 
-from .base import Applied, Undo
+from .base import Applied, MethodConfig, Undo, param
+from .registry import Method, register
+from .rope_common import guard_rotary
 
 NAME = "v2pe"
 DESCRIPTION = ("V2PE for vision-language models: image tokens advance the position by delta < 1 (text by 1); "
@@ -37,22 +39,30 @@ SUPPORTED = "Llava, InternVL, Gemma3 and other transformers vision-language mode
 logger = logging.getLogger("longctx")
 
 
-@dataclass
-class V2PEConfig:
+@dataclass(frozen=True)
+class V2PEConfig(MethodConfig):
     """V2PE. ``delta``: the position step of an image token, in (0, 1], or ``"auto"``; ``image_token_id``: default
     from the model config (``image_token_id`` / ``image_token_index``); ``trained_length``: for ``"auto"`` (default:
     the language model's)."""
 
-    delta: float | str = "auto"
-    image_token_id: int | None = None
-    trained_length: int | None = None
+    method: ClassVar[str] = NAME
+    delta: float | str = param("auto", kind=float, gt=0, le=1, choices=("auto",), optional=False,
+                               doc="the position step of an image token")
+    image_token_id: int | None = param(kind=int, ge=0, doc="the image token (default: from the model config)")
+    trained_length: int | None = param(kind=int, ge=2, doc="the length delta='auto' fits into")
 
 
-class _State:
+class V2PEPositions:
+    """Forward pre-hook on the vision-language model: V2PE's position ids per row, and in generation each new token
+    after its row's last position. Plain data: deep-copies and pickles with the model."""
+
     def __init__(self, delta: float | str, image_token_id: int, trained: int) -> None:
         self.delta, self.image_token_id, self.trained = delta, image_token_id, trained
         self.last: torch.Tensor | None = None  # [B] fp64: each row's last position (generation continues from it)
         self.chosen: float | None = None  # the δ of the current input
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _positions(self, args, kwargs)
 
 
 def _image_token_id(model: nn.Module, given: int | None) -> int:
@@ -85,44 +95,42 @@ def _past_length(kwargs: dict) -> int:
     return 0
 
 
-def _positions_pre_hook(state: _State):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
-        named = {**dict(zip(names, args)), **kwargs}
-        ids = named.get("input_ids")
-        if ids is None:
-            return args, kwargs
-        mask = named.get("attention_mask")
-        past = _past_length(named)
-        image = ids == state.image_token_id
-        if past == 0:
-            if mask is None:
-                mask = torch.ones_like(ids)
-                named["attention_mask"] = mask
-            delta = state.delta
-            if delta == "auto":
-                delta = v2pe_auto_delta(image, mask, state.trained)
-                if delta != state.chosen:
-                    longest = int(v2pe_length(image, mask, delta).max())
-                    logger.info(f"longctx: v2pe delta='auto' chose delta = {delta:g} ({longest} positions for a "
-                                f"trained length of {state.trained})")
-            state.chosen = delta
-            positions = v2pe_position_ids(span_mask=image, attention_mask=mask, delta=delta)
-        else:
-            if state.last is None or state.last.shape[0] != ids.shape[0]:
-                raise RuntimeError("v2pe lost track of the generation (a cache it did not see being filled)")
-            if bool(image.any()):
-                raise NotImplementedError("v2pe continues a cached sequence with text tokens only; pass the image "
-                                          "tokens in the first forward")
-            start = torch.ceil(state.last) + 1
-            positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device, dtype=torch.float64)
-        state.last = positions[:, -1].clone()
-        if bool((positions == positions.round()).all()):
-            positions = positions.long()  # integral: the model's own rotary, bit for bit
-        named["position_ids"] = positions
-        return (), named
-
-    return hook
+def _positions(state: V2PEPositions, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """V2PE position ids for this forward (see :class:`V2PEPositions`)."""
+    names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
+    named = {**dict(zip(names, args)), **kwargs}
+    ids = named.get("input_ids")
+    if ids is None:
+        return args, kwargs
+    mask = named.get("attention_mask")
+    past = _past_length(named)
+    image = ids == state.image_token_id
+    if past == 0:
+        if mask is None:
+            mask = torch.ones_like(ids)
+            named["attention_mask"] = mask
+        delta = state.delta
+        if delta == "auto":
+            delta = v2pe_auto_delta(image, mask, state.trained)
+            if delta != state.chosen:
+                longest = int(v2pe_length(image, mask, delta).max())
+                logger.info(f"longctx: v2pe delta='auto' chose delta = {delta:g} ({longest} positions for a "
+                            f"trained length of {state.trained})")
+        state.chosen = delta
+        positions = v2pe_position_ids(span_mask=image, attention_mask=mask, delta=delta)
+    else:
+        if state.last is None or state.last.shape[0] != ids.shape[0]:
+            raise RuntimeError("v2pe lost track of the generation (a cache it did not see being filled)")
+        if bool(image.any()):
+            raise NotImplementedError("v2pe continues a cached sequence with text tokens only; pass the image "
+                                      "tokens in the first forward")
+        start = torch.ceil(state.last) + 1
+        positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device, dtype=torch.float64)
+    state.last = positions[:, -1].clone()
+    if bool((positions == positions.round()).all()):
+        positions = positions.long()  # integral: the model's own rotary, bit for bit
+    named["position_ids"] = positions
+    return (), named
 
 
 def _exact_rotary_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -140,32 +148,27 @@ def _exact_rotary_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any
     return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
-def apply(model: nn.Module, cfg: V2PEConfig) -> Applied:
-    if cfg.delta != "auto":
-        if isinstance(cfg.delta, str):
-            raise ValueError(f"v2pe delta must be a number in (0, 1] or 'auto', got {cfg.delta!r}")
-        if not 0 < float(cfg.delta) <= 1:
-            raise ValueError(f"v2pe delta must be in (0, 1], got {cfg.delta}")
+def apply(model: nn.Module, cfg: V2PEConfig, undo: Undo) -> Applied:
     text_config = _check_model(model)
     token = _image_token_id(model, cfg.image_token_id)
     trained = int(cfg.trained_length) if cfg.trained_length else trained_length(text_config)
-    state = _State(cfg.delta if cfg.delta == "auto" else float(cfg.delta), token, trained)
-    undo = Undo()
-    handle = model.register_forward_pre_hook(_positions_pre_hook(state), with_kwargs=True)
-    undo.push(handle.remove)
+    hook = V2PEPositions(cfg.delta, token, trained)
+    undo.hook(model.register_forward_pre_hook(hook, with_kwargs=True))
     for r in find_rotary_modules(model):
-        h = r.module.register_forward_hook(_exact_rotary_hook, with_kwargs=True)
-        undo.push(h.remove)
+        guard_rotary(r.module, undo)
+        undo.hook(r.module.register_forward_hook(_exact_rotary_hook, with_kwargs=True))
     shown = "auto" if cfg.delta == "auto" else f"{float(cfg.delta):g}"
     note = (f"image tokens advance positions by delta = {shown} (text by 1); a model not fine-tuned with V2PE's "
             "variable increments runs out of distribution: an experiment")
     logger.info(f"longctx: v2pe: {note}")
     delta = None if cfg.delta == "auto" else float(cfg.delta)
-    return Applied(method=NAME, params={"delta": shown if delta is None else delta, "image_token_id": token,
-                                        "trained_length": trained},
+    return Applied(params={"delta": shown if delta is None else delta, "image_token_id": token,
+                           "trained_length": trained},
                    trained_length=trained, target_length=None, factor=(1 / delta) if delta else None,
-                   layer_types=None, revert=undo, notes=[note],
+                   layer_types=None, notes=[note],
                    reload={"delta": cfg.delta, "image_token_id": token, "trained_length": trained})
 
 
-__all__ = ["V2PEConfig", "apply", "NAME", "DESCRIPTION", "V2PE_DELTAS"]
+METHOD = register(Method(NAME, "rope_positions", DESCRIPTION, V2PEConfig, apply, export_form="longctx"))
+
+__all__ = ["V2PEConfig", "apply", "NAME", "DESCRIPTION", "V2PE_DELTAS", "METHOD"]

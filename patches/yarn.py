@@ -8,33 +8,42 @@ Expressed with transformers' own ``yarn`` rope type (``beta_fast``, ``beta_slow`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
-from .base import Applied
-from .rope_common import RopeConfig, RopeContext, apply_rope_method
+from .base import Applied, LengthConfig, Undo, param
+from .registry import Method, register
+from .rope_common import RopeContext, apply_rope_method, rope_applied
 
 NAME = "yarn"
 DESCRIPTION = "YaRN: NTK-by-parts interpolation + attention temperature 0.1·ln(s)+1 (transformers rope_type 'yarn')."
 
 
-@dataclass
-class YaRNConfig(RopeConfig):
+@dataclass(frozen=True)
+class YaRNConfig(LengthConfig):
     """YaRN. ``beta_fast``/``beta_slow``: ramp bounds in rotations over the trained length (paper: 32 and 1);
     ``attention_factor``: override the temperature (default ``0.1·ln(factor)+1``); ``mscale``/``mscale_all_dim``:
     DeepSeek-style temperature; ``truncate``: floor/ceil the ramp bounds (transformers' default)."""
 
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    truncate: bool = True
+    method: ClassVar[str] = NAME
+    beta_fast: float = param(32.0, kind=float, gt=0, optional=False,
+                             doc="rotations over the trained length above which a dim keeps its frequency")
+    beta_slow: float = param(1.0, kind=float, gt=0, optional=False,
+                             doc="rotations below which a dim is interpolated by the factor")
+    attention_factor: float | None = param(kind=float, gt=0, doc="the attention temperature (default 0.1 ln s + 1)")
+    mscale: float | None = param(kind=float, gt=0, doc="DeepSeek-style temperature numerator")
+    mscale_all_dim: float | None = param(kind=float, gt=0, doc="DeepSeek-style temperature denominator")
+    truncate: bool = param(True, kind=bool, optional=False, doc="floor / ceil the ramp bounds")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(f"yarn needs beta_fast > beta_slow, got beta_fast={self.beta_fast}, "
+                             f"beta_slow={self.beta_slow}")
 
 
 def rope_parameters(cfg: YaRNConfig, params: dict, ctx: RopeContext) -> dict:
-    if cfg.beta_fast <= cfg.beta_slow:
-        raise ValueError(f"yarn needs beta_fast > beta_slow, got beta_fast={cfg.beta_fast}, beta_slow={cfg.beta_slow}")
     new = {
         **params,
         "rope_type": "yarn",
@@ -52,5 +61,8 @@ def rope_parameters(cfg: YaRNConfig, params: dict, ctx: RopeContext) -> dict:
     return new
 
 
-def apply(model: nn.Module, cfg: YaRNConfig) -> Applied:
-    return apply_rope_method(model, NAME, cfg, rope_parameters)
+def apply(model: nn.Module, cfg: YaRNConfig, undo: Undo) -> Applied:
+    return rope_applied(apply_rope_method(model, NAME, cfg, rope_parameters, undo), cfg)
+
+
+METHOD = register(Method(NAME, "rope", DESCRIPTION, YaRNConfig, apply, export_form="config"))

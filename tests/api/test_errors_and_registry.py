@@ -30,7 +30,7 @@ def test_model_without_rope_points_to_absolute_methods():
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"factor": 0.5}, "factor must be >= 1"),
+    ({"factor": 0.5}, "pi: factor must be a finite number >= 1, got 0.5"),
     ({"target_length": 64}, "not longer than the model's trained length 64"),
     ({"target_length": 10}, "not longer than the model's trained length 64"),
     ({}, "either factor"),

@@ -15,7 +15,10 @@ import torch
 from conftest import FAMILIES, REPO, build
 
 import longctx
-export_mod = sys.modules["longctx.export"]  # (longctx.export is the function)
+import longctx.export as export_mod  # the package; calling it (longctx.export(...)) exports
+import longctx.export.files as files_mod
+import longctx.export.forms as forms_mod
+from longctx.eval.export_checks import export_checks
 from longctx.registry import registry
 
 ROPE_FAMILIES = ["llama", "qwen2", "gemma3_text", "phi3", "gpt_neox", "modernbert"]
@@ -265,7 +268,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
         calls.append(a)
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_mod, "_copy_file", failing)
+    monkeypatch.setattr(files_mod, "copy_file", failing)
     with pytest.raises(OSError, match="disk full"):
         longctx.export(src, tmp_path / "out", "yarn", factor=2, progress=False)
     assert calls and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -278,13 +281,13 @@ def test_killed_export_leaves_no_out(tmp_path):
     child = textwrap.dedent(f"""
         import sys, time
         import longctx
-        e = sys.modules["longctx.export"]
-        original = e._copy_file
+        import longctx.export.files as e
+        original = e.copy_file
         def slow(a, b):
             original(a, b)
             print("COPIED", flush=True)
             time.sleep(120)
-        e._copy_file = slow
+        e.copy_file = slow
         longctx.export({str(src)!r}, {str(out)!r}, "yarn", factor=2, progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, cwd=REPO,
@@ -304,17 +307,19 @@ def test_killed_export_leaves_no_out(tmp_path):
 # --- verify -----------------------------------------------------------------------------------------------------
 def test_verify_compares_and_catches_a_wrong_config(tmp_path, monkeypatch):
     _, src = _saved(tmp_path, "llama")
-    result = longctx.export(src, tmp_path / "ok", "yarn", target_length=256, verify=True, progress=False)
+    result = longctx.export(src, tmp_path / "ok", "yarn", target_length=256, verify=True,
+                            checks=export_checks(verify=True), progress=False)
     assert result.verify["max_abs_diff"] == 0.0 and result.verify["tokens"] == 128
-    assert "skipped" in result.verify["passkey"]  # the tiny model has no tokenizer
-    assert "Verification" in (tmp_path / "ok" / "README.md").read_text()
+    assert result.checks["verify_passkey"]["data"] == []  # the tiny model has no tokenizer: no passkey rows
+    card = (tmp_path / "ok" / "README.md").read_text()
+    assert "Verification" in card and "No tokenizer in the export: no passkey run." in card
 
-    standard = export_mod._standard_params
+    standard = forms_mod.standard_params
 
     def wrong(params):  # a bug that would write twice the factor
         return {**standard(params), "factor": 2 * params["factor"]}
 
-    monkeypatch.setattr(export_mod, "_standard_params", wrong)
+    monkeypatch.setattr(forms_mod, "standard_params", wrong)
     with pytest.raises(export_mod.ExportError, match="differ"):
         longctx.export(src, tmp_path / "bad", "yarn", target_length=256, verify=True, progress=False)
     assert not (tmp_path / "bad").exists()

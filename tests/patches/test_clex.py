@@ -16,7 +16,7 @@ from longctx.core.clex import ODE_KEYS, clex_inv_freq_table, clex_scale, clex_tr
 from longctx.core.rope import default_inv_freq
 
 FIXTURE = SHARED / "fixtures" / "clex_official"
-clex_patch = sys.modules["longctx.patches.clex"]
+import longctx.patches.clex as clex_patch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def test_gemma3_sliding_layers_use_plain_attention():
     model = build("gemma3_text")
     info = longctx.patch(model, "selfextend", group_size=4, window=16)
     assert info.layer_types == ["full_attention"]
-    assert model.config._attn_implementation == "longctx_selfextend"
+    assert model.config._attn_implementation == "longctx_eager"  # the shared dispatcher over the model's own base
     longctx.unpatch(model)
     assert model.config._attn_implementation == "eager"
 
@@ -151,11 +151,11 @@ def test_target_length_solves_group_and_window():
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"group_size": 0, "window": 8}, "group_size must be >= 1"),
-    ({"group_size": 4, "window": 0}, "window must be >= 1"),
+    ({"group_size": 0, "window": 8}, "group_size must be an integer >= 1"),
+    ({"group_size": 4, "window": 0}, "window must be an integer >= 1"),
     ({"group_size": 4, "window": TRAINED}, "must be smaller than the trained length"),
     ({"group_size": 2, "window": 16, "target_length": 1000}, "reach at most"),
-    ({"group_size": 4, "window": 16, "shift": "round"}, "shift must be"),
+    ({"group_size": 4, "window": 16, "shift": "round"}, "shift must be one of 'int', 'float'"),
     ({"group_size": 4, "window": 16, "attn_backend": "cuda"}, "attn_backend must be one of"),
 ])
 def test_errors(params, match):
@@ -201,7 +201,7 @@ def test_decode_rotates_only_the_new_keys(monkeypatch):
             pieces.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     layers = model.config.num_hidden_layers
     assert rotated == [130] * layers + [1] * (10 * layers)
-    assert getattr(cache.layers[0], se._CACHE_ATTR).length == 140
+    assert getattr(cache.layers[0], "_longctx_kept_keys").length == 140
     torch.testing.assert_close(torch.cat(pieces, 1), _logits(model, ids), **TOL)
 
 
@@ -284,10 +284,10 @@ def test_triton_chunked_prefill_extends_the_kept_grouped_keys():
     cache = DynamicCache(config=model.config)
     first = _logits(model, ids[:, :50], attention_mask=mask[:, :50], position_ids=pos[:, :50], past_key_values=cache,
                     use_cache=True)
-    kept = cache.layers[0]._longctx_selfextend_grouped
+    kept = cache.layers[0]._longctx_kept_keys
     second = _logits(model, ids[:, 50:], attention_mask=mask, position_ids=pos[:, 50:], past_key_values=cache,
                      use_cache=True)
-    assert cache.layers[0]._longctx_selfextend_grouped is kept and kept.length == 90  # extended, not recomputed
+    assert cache.layers[0]._longctx_kept_keys is kept and kept.length == 90  # extended, not recomputed
     longctx.unpatch(model)
     real = mask.bool()[:, :, None].expand_as(whole)
     torch.testing.assert_close(torch.cat([first, second], 1)[real], whole[real], **TOL)
@@ -309,10 +309,10 @@ def test_torch_decode_of_a_left_padded_batch_extends_the_kept_grouped_keys():
         cache = DynamicCache(config=model.config)
         _logits(model, ids[:, :40], attention_mask=mask[:, :40], position_ids=pos[:, :40], past_key_values=cache,
                 use_cache=True)
-        kept = cache.layers[1]._longctx_selfextend_grouped
+        kept = cache.layers[1]._longctx_kept_keys
         step = _logits(model, ids[:, 40:], attention_mask=mask, position_ids=pos[:, 40:], past_key_values=cache,
                        use_cache=True)
-        assert cache.layers[1]._longctx_selfextend_grouped is kept and kept.length == 41
+        assert cache.layers[1]._longctx_kept_keys is kept and kept.length == 41
         torch.testing.assert_close(step[:, -1], whole[:, -1], **TOL)
     finally:
         longctx.unpatch(model)

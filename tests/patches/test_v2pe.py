@@ -179,8 +179,8 @@ def test_export_round_trip(tmp_path):
 # --- errors --------------------------------------------------------------------------------------------------------
 def test_errors():
     model = _vlm("llava")
-    for bad in (0, -0.5, 1.5):
-        with pytest.raises(ValueError, match=r"delta must be in \(0, 1\]"):
+    for bad in (0, -0.5, 1.5, float("nan"), "half"):
+        with pytest.raises(ValueError, match=r"v2pe: delta must be a finite number > 0 and <= 1, or 'auto'"):
             longctx.patch(model, "v2pe", delta=bad)
     with pytest.raises(ValueError, match=r"delta must be in \(0, 1\]"):
         v2pe_position_ids(torch.ones(1, 3, dtype=torch.long), image_token_id=1, delta=2)

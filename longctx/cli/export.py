@@ -1,0 +1,77 @@
+"""``longctx export SRC OUT --method M …``: write an extended checkpoint (see ``longctx.export``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import app, console, fail, method_params, methods_list, model_spec
+
+
+@app.command("export")
+def export_cmd(
+    src: Annotated[str, typer.Argument(help="Model directory (config.json), sentence-transformers directory "
+                                            "(modules.json), a .gguf file, or 'smollm2' / 'minilm'.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    method: Annotated[Optional[str], typer.Option(help="Method to export with (see 'longctx methods'); none for a "
+                                                       "checkpoint its method's authors released (e.g. CLEX), which "
+                                                       "carries its own.")] = None,
+    target_length: Annotated[Optional[int], typer.Option(help="Context length to extend to.")] = None,
+    factor: Annotated[Optional[float], typer.Option(help="Extension factor (instead of --target-length).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(help="Method parameter NAME=VALUE, repeatable (e.g. "
+                                                            "group_size=16).")] = None,
+    verify: Annotated[bool, typer.Option(help="Reload the export, compare its outputs with the patched model "
+                                              "(must agree) and run one passkey check at the target length.")] = False,
+    eval_: Annotated[bool, typer.Option("--eval", help="Passkey at the trained and the target length on the "
+                                                       "reloaded export (decoders: 3 depths by generation; "
+                                                       "embedding models: retrieval over 8 documents), into the "
+                                                       "model card.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (once the new export is complete; the "
+                                                 "previous one is never lost).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Write an extended checkpoint: a standard config (pi, ntk, dynamic_ntk, yarn: loads in plain transformers and
+    vLLM), a longctx block re-applied by longctx.load (selfextend, clex, v2pe, grouped, recurrent, pcw), or an
+    interpolated position table (pi on BERT-style encoders); plus a model card (README.md)."""
+    # the whole command is checked before any work
+    model_spec(src)
+    if method is not None:
+        method = methods_list(method, "--method", ())[0]
+    lengths = {k: v for k, v in (("target_length", target_length), ("factor", factor)) if v is not None}
+    if method is None and (param or lengths):
+        fail("--param / --target-length / --factor need --method (only a released checkpoint exports without one)")
+    params = method_params(param, None, default_method=method, fixed=lengths).get(method, {}) if method else {}
+    if method is not None:
+        from longctx.patches import get_method
+
+        try:
+            get_method(method).make_config(**params, **lengths)
+        except (TypeError, ValueError) as e:
+            fail(str(e))
+    if out.exists() and (not out.is_dir() or not overwrite):
+        fail(f"{out} exists; pass --overwrite to replace it" if out.is_dir() else f"{out} exists and is not a "
+             "directory")
+
+    import longctx
+    from longctx.eval.export_checks import export_checks
+
+    try:
+        result = longctx.export(src, out, method, overwrite=overwrite, verify=verify,
+                                checks=export_checks(verify=verify, eval=eval_), **params, **lengths)
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
+        fail(" ".join(str(e).split()))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    console.print(f"[bold]{result.path}[/]: {result.method} ({result.form} form), trained {result.trained_length} "
+                  f"-> target {result.target_length}, in {result.seconds:.1f} s")
+    for note in result.notes:
+        console.print(f"  - {note}")
+    if result.verify:
+        v = result.verify
+        console.print(f"  verify: max |diff| {v['max_abs_diff']:.3g} over {v['tokens']} tokens")
+    for report in result.checks.values():
+        console.print("\n".join([f"  {report['title']}:"] + [f"  {line}" for line in report["lines"]]))

@@ -1,0 +1,178 @@
+"""``longctx.export``: write an extended checkpoint that loads everywhere it can (floor 5).
+
+Three forms, each method declaring its own (``export_form`` in its registration):
+
+* ``"config"`` — methods a standard config expresses (``pi`` → ``linear``, ``ntk`` → a new ``rope_theta``,
+  ``dynamic_ntk`` → ``dynamic``, ``yarn``): config.json gets the transformers 5 ``rope_parameters`` *and* the 4.x
+  form that vLLM, SGLang and the llama.cpp converter read (``forms.py``). Weights are copied, not rewritten: no model
+  is loaded (the method is applied to a weightless skeleton on the ``meta`` device to resolve its parameters).
+* ``"longctx"`` — methods no standard config expresses (selfextend, clex, v2pe, grouped, recurrent, pcw,
+  cache-consistent dynamic NTK): config.json keeps the base model's values plus a ``longctx`` block
+  ``{"method", "params"}`` that :func:`longctx.load` re-applies (files it names, e.g. CLEX's learned ODE weights,
+  are carried along); plain transformers loads the base model.
+* ``"weights"`` — absolute-position ``pi``: the interpolated position table is written into the weights, and the
+  length limits (``max_position_embeddings``, the tokenizer's ``model_max_length``, sentence-transformers'
+  ``max_seq_length``) are raised, so it loads at the new length anywhere.
+
+Writes are atomic and never lose a previous export (``files.py``). ``verify=True`` reloads the export and requires
+its outputs to agree with the patched model in memory. Evaluations (passkey …) are not run here: the caller hands
+them in as ``checks`` (``longctx.eval.export_checks`` builds the CLI's), so export never imports eval.
+
+``longctx.export`` is this package and is callable: ``longctx.export(model_or_path, out, method, **params)`` calls
+:func:`export`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import unwrap
+from .card import model_card, write_card
+from .files import ExportError, move_into_place, partial_dir
+from .forms import standard_config
+from .sources import Job, memory_job, path_job, tokenizer_of
+
+__all__ = ["export", "ExportResult", "ExportError", "Check", "model_card", "standard_config"]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote."""
+
+    path: Path
+    source: str
+    method: str
+    form: str  # "config" | "longctx" | "weights"
+    params: dict[str, Any]
+    trained_length: int | None
+    target_length: int | None
+    config: dict[str, Any]  # the config.json keys the export set
+    notes: list[str] = field(default_factory=list)
+    verify: dict[str, Any] | None = None
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"title", "lines", "data"}
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@dataclass(frozen=True)
+class Check:
+    """An evaluation run on the reloaded export before it is moved into place: ``run(model, tokenizer, result,
+    progress)`` returns ``(data, markdown lines)``; the lines go into the model card under ``title``, the data into
+    ``ExportResult.checks[name]``. Raising stops the export (nothing is written)."""
+
+    name: str
+    title: str
+    run: Callable[[Any, Any, ExportResult, bool], tuple[Any, list[str]]]
+
+
+def export(
+    model_or_path: Any,
+    out: str | Path,
+    method: str | None = None,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    checks: Sequence[Check] = (),
+    progress: bool = True,
+    **params: Any,
+) -> ExportResult:
+    """Write an extended checkpoint of ``model_or_path`` to ``out``; :func:`longctx.load` reloads it extended.
+
+    Args:
+        model_or_path: a local model directory (config.json), a sentence-transformers directory (modules.json), a
+            ``.gguf`` file (de-quantised into safetensors), ``"smollm2"`` / ``"minilm"`` (the embedded models), a
+            checkpoint as a method's authors released it (e.g. CLEX; no method needed), or a model in memory
+            (patched already when ``method`` is None; with a ``method`` it is patched for the export and left as it
+            was found).
+        out: the output directory; created atomically.
+        method: a registered method (``longctx.methods()``), with its parameters in ``params`` (``target_length``
+            or ``factor``, …).
+        tokenizer: for a model in memory: saved with it, its ``model_max_length`` raised to the target.
+        overwrite: replace an existing ``out`` (only once the new export is complete; never lost on failure).
+        verify: reload the export and require its outputs to agree with the patched model in memory.
+        checks: evaluations to run on the reloaded export (see :class:`Check`; ``longctx.eval.export_checks``).
+        progress: show progress bars.
+
+    Returns:
+        An :class:`ExportResult`. Raises ``FileExistsError`` for an existing ``out`` without ``overwrite``,
+        ``FileNotFoundError`` for a source that is not a model, ``ValueError`` / ``TypeError`` for a method or
+        parameter that does not fit, :class:`ExportError` when verification fails (nothing is written).
+    """
+    from .. import api
+
+    start = time.time()
+    out = Path(out).expanduser().absolute()
+    if isinstance(model_or_path, (str, Path)):
+        job = path_job(str(model_or_path), out, method, params, overwrite)
+    else:
+        job = memory_job(model_or_path, tokenizer, out, method, params, overwrite)
+    partial = None
+    try:
+        partial = partial_dir(out)
+        record, form, info, set_keys, notes = job.run(partial, progress)
+        result = ExportResult(path=Path(), source=job.source, method=record["method"], form=form,
+                              params=record["params"], trained_length=info.trained_length,
+                              target_length=info.target_length, config=set_keys, notes=notes)
+        loaded = api.load(partial) if verify or checks else None
+        if verify:
+            result.verify = _verify(loaded, job, result)
+        for check in checks:
+            tok = job.reference()[1] or tokenizer_of(partial)
+            data, lines = check.run(loaded, tok, result, progress)
+            result.checks[check.name] = {"title": check.title, "lines": lines, "data": data}
+        write_card(partial, result)
+        move_into_place(partial, out, overwrite)
+    except BaseException:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        job.close()
+    result.path, result.seconds = out, round(time.time() - start, 3)
+    return result
+
+
+def _outputs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    hf = unwrap(model)
+    with torch.no_grad():
+        out = hf(input_ids=ids.to(next(hf.parameters()).device))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().cpu()
+
+
+def _verify(loaded: Any, job: Job, result: ExportResult) -> dict[str, Any]:
+    """Compare the reloaded export with the patched model in memory on random tokens past the trained length."""
+    reference, _ = job.reference()
+    hf = unwrap(reference)
+    trained, target = result.trained_length or 0, result.target_length or 0
+    n = min(target, trained + 64) if target else 128
+    vocab = hf.config.vocab_size
+    ids = torch.randint(min(5, vocab - 1), vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    expected, got = _outputs(reference, ids), _outputs(loaded, ids)
+    diff = float((expected - got).abs().max())
+    scale = float(expected.abs().max())
+    if diff > 1e-4 * max(1.0, scale):
+        raise ExportError(f"the exported model's outputs differ from the patched model's by {diff:.3g} (at {n} "
+                          "tokens): the export is not written")
+    return {"tokens": n, "max_abs_diff": diff, "max_abs_output": scale}
+
+
+class _CallableModule(types.ModuleType):
+    """``longctx.export`` is this package; calling it calls :func:`export` (the public one-liner)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,304 @@
+"""The one machinery of the methods that change attention itself (floor 3): SelfExtend, CLEX's KV cache and
+``log_scale``, dynamic NTK's cache-consistent mode, the absolute-position ``log_scale`` — and the next ones.
+
+* **Attention functions** registered with transformers' ``AttentionInterface`` *and* ``AttentionMaskInterface``
+  (without the second the model would silently get no mask): ``longctx_<base>`` for every base implementation
+  (``sdpa``, ``eager``, ``flash_attention_2`` …), with the base's own mask function. Each looks up the
+  :class:`AttentionRuntime` attached to the attention module it is called for and lets it compute the output
+  (wrapping the base function, or replacing it). No forward is replaced; the state lives on the model.
+* **Per-model state attached to the model**: the runtime object is set on each attention module
+  (``_longctx_attention``): a deep copy of the model gets its own runtime, pickling takes it along, deleting the
+  model frees it, and a model that shares nothing with another never sees the other's patch. What relates to a KV
+  cache outside the model (kept keys, histories) is transient: dropped on copy and pickle.
+* **Positions per row from masks**: :class:`CallPositions` (queries from ``position_ids``; keys counted back from
+  the last query over the valid, unpadded slots), for left padding, chunked prefill and cached decoding.
+* **Kept re-rotated keys on the cache layer**: :func:`cached_rotated_keys` keeps keys rotated to other positions on
+  the KV-cache layer they came from (they live and die with the cache) and extends them as it grows.
+* **Cached-key histories**: :class:`CachedPositions`, the position of every key in each layer's cache, for methods
+  that re-rotate cached keys when their frequencies change.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .base import Undo
+
+__all__ = ["PREFIX", "RUNTIME_ATTR", "AttentionRuntime", "install_attention", "attention_modules", "base_attention",
+           "attention_name", "CallPositions", "key_valid_mask", "call_positions", "cached_rotated_keys",
+           "CachedPositions", "cache_layer_pre_hook"]
+
+PREFIX = "longctx_"
+RUNTIME_ATTR = "_longctx_attention"
+_KEPT_ATTR = "_longctx_kept_keys"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the runtime and the registered attention functions
+# ---------------------------------------------------------------------------------------------------------------
+class AttentionRuntime:
+    """One patch's attention behaviour, attached to each attention module of the model it patched.
+
+    Subclasses implement :meth:`forward`; ``base`` is the model's attention implementation before the patch (what a
+    wrapper calls, :meth:`call_base`). Attributes named in ``transient`` relate to things outside the model (a KV
+    cache, tensors of the last call): :meth:`fresh_transient` gives their empty values, which a deep copy or a
+    pickle gets instead."""
+
+    transient: ClassVar[tuple[str, ...]] = ()
+    base: str = "sdpa"
+
+    def fresh_transient(self) -> dict[str, Any]:
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(self.fresh_transient())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        attention_name(self.base)  # a fresh process: make sure the attention function is registered
+
+    def forward(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        return self.call_base(module, query, key, value, attention_mask, **kwargs)
+
+    def call_base(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        return base_attention(self.base, module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def base_attention(name: str, module: nn.Module) -> Callable:
+    """The attention function ``name`` stands for (``eager``: the module's own ``eager_attention_forward``)."""
+    if name == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _dispatch(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        runtime = module.__dict__.get(RUNTIME_ATTR)
+        if runtime is None:  # never silent: this module was not patched, yet its config points here
+            raise RuntimeError(f"{type(module).__name__} runs longctx's attention '{PREFIX}{base}' but carries no "
+                               "longctx patch (was its config copied from a patched model?); longctx.unpatch the "
+                               f"model it came from, or set_attn_implementation('{base}')")
+        return runtime.forward(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def attention_name(base: str) -> str:
+    """``longctx_<base>``, registered (with ``base``'s mask function) if it is not yet."""
+    name = f"{PREFIX}{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            raise ValueError(f"longctx cannot wrap attention implementation '{base}'; supported: "
+                             f"{sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}")
+        AttentionInterface.register(name, _dispatch(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+for _base in list(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping):  # registered at import: unpickling finds them
+    if not _base.startswith(PREFIX):
+        attention_name(_base)
+
+
+def attention_modules(model: nn.Module, configs: Any = None) -> list[nn.Module]:
+    """The attention modules of ``model`` (the ``module`` transformers passes to an attention function: a module
+    holding a ``config`` and an ``is_causal`` flag), optionally only those whose config is in ``configs``."""
+    from transformers import PreTrainedModel
+
+    ids = None if configs is None else {id(c) for c in configs}
+    return [m for m in model.modules()
+            if not isinstance(m, PreTrainedModel) and m.__dict__.get("config") is not None
+            and hasattr(m, "is_causal") and (ids is None or id(m.config) in ids)]
+
+
+def install_attention(model: nn.Module, runtime: AttentionRuntime, undo: Undo, modules: list[nn.Module],
+                      method: str) -> str:
+    """Attach ``runtime`` to ``modules`` and switch the model (its own config copies) to ``longctx_<base>``;
+    returns that name. The configs are put back by the patch's undo; the runtime attributes by ``undo`` here."""
+    if not modules:
+        raise ValueError(f"{method}: found no attention modules in {type(model).__name__}")
+    base = model.config._attn_implementation or "sdpa"
+    if base.startswith(PREFIX):
+        raise RuntimeError(f"{method}: the model already runs longctx attention '{base}' (unpatch it first)")
+    try:
+        name = attention_name(base)
+    except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
+    runtime.base = base
+    for m in modules:
+        undo.setattr(m, RUNTIME_ATTR, runtime)
+    model.set_attn_implementation(name)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# positions per row from masks
+# ---------------------------------------------------------------------------------------------------------------
+def key_valid_mask(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+    """``[B, kv]`` bool: keys visible to at least one query of this call (padding is visible to none)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -kv_len:].bool()
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return visible[..., :kv_len].any(dim=-2).any(dim=1).expand(batch, kv_len)
+
+
+def call_positions(position_ids: torch.Tensor | None, key_valid: torch.Tensor | None, batch: int, q_len: int,
+                   kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_pos [B, q], k_pos [B, kv])`` int64: queries from ``position_ids`` (slot indices without them, as
+    encoders pass none); keys the same when the call covers the whole sequence, else counted back from the last
+    query over the valid slots (the last slot is the last query's own key)."""
+    if position_ids is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[None].expand(batch, q_len)
+    else:
+        q_pos = position_ids.to(device=device, dtype=torch.int64).expand(batch, q_len)
+    if q_len == kv_len:
+        return q_pos, q_pos
+    valid = key_valid if key_valid is not None else torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    after = valid.flip(-1).to(torch.int64).cumsum(-1).flip(-1) - valid.to(torch.int64)
+    return q_pos, q_pos[:, -1:] - after
+
+
+class CallPositions:
+    """One attention call's valid keys (``[B, kv]`` or None) and ``(q_pos, k_pos)``, each computed on first use (a
+    kernel that keeps its row layout across layers needs them once per forward, not once per layer)."""
+
+    def __init__(self, mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, q_len: int,
+                 kv_len: int, device: torch.device) -> None:
+        self.mask, self.position_ids = mask, position_ids
+        self._shape = (batch, q_len, kv_len, device)
+
+    @functools.cached_property
+    def key_valid(self) -> torch.Tensor | None:
+        batch, _, kv_len, _ = self._shape
+        return key_valid_mask(self.mask, batch, kv_len)
+
+    @functools.cached_property
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return call_positions(self.position_ids, self.key_valid, *self._shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the KV cache: which layer a call uses, keys kept rotated on it, histories of cached keys
+# ---------------------------------------------------------------------------------------------------------------
+def cache_layer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on an attention module: note (on its runtime's ``pending``) which KV-cache layer this call
+    will use and whether that layer still holds the keys last seen (any cache edit — crop, beam reorder, a new cache
+    — replaces its key tensor, so identity is a safe test)."""
+    runtime = module.__dict__.get(RUNTIME_ATTR)
+    pending = getattr(runtime, "pending", None)
+    if pending is None:
+        return
+    cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+    layers = getattr(cache, "layers", None)
+    idx = getattr(module, "layer_idx", None)
+    layer = layers[idx] if layers is not None and idx is not None and idx < len(layers) else None
+    entry = getattr(layer, _KEPT_ATTR, None)
+    keys = getattr(layer, "keys", None)
+    continues = entry is not None and keys is not None and entry.keys_ref() is keys
+    pending[id(module)] = (layer, continues)
+
+
+@dataclass
+class _KeptKeys:
+    """Keys of one KV-cache layer rotated to other positions, kept on that layer and extended as it grows."""
+
+    keys_ref: Any  # weakref to the cache layer's key tensor they were computed from
+    k_pos: torch.Tensor  # [B, length]
+    buffer: torch.Tensor  # [B, Hkv, capacity, D]
+    length: int
+    tag: tuple  # what they were rotated with (compared by value and identity)
+
+
+def _same_positions(kept: torch.Tensor, now: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
+    """The kept keys' positions still hold on every valid slot (a padded slot's position is arbitrary)."""
+    if kept.shape != now.shape:
+        return False
+    if key_valid is None:
+        return torch.equal(kept, now)
+    valid = key_valid[:, :now.shape[1]]
+    return torch.equal(kept.masked_fill(~valid, 0), now.masked_fill(~valid, 0))
+
+
+def _same_tag(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(a, b))
+
+
+def cached_rotated_keys(layer: Any, continues: bool, key: torch.Tensor, k_pos: torch.Tensor, q_len: int, tag: tuple,
+                        rotate: Callable[[torch.Tensor, int, torch.Tensor], None],
+                        key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotated keys for all ``kv`` slots of a cache layer, reusing (and extending) those kept on it when the cache
+    only grew by this call's ``q_len`` keys at unchanged positions of its valid slots and ``tag`` is the same;
+    recomputed otherwise. ``rotate(keys, start, out)`` writes the rotated keys of the slots from ``start``."""
+    entry: _KeptKeys | None = getattr(layer, _KEPT_ATTR, None)
+    batch, hkv, kv_len, dim = key.shape
+    old = kv_len - q_len
+    if (continues and entry is not None and _same_tag(entry.tag, tag) and entry.length == old > 0
+            and entry.buffer.shape[:2] == (batch, hkv) and entry.buffer.dtype == key.dtype
+            and _same_positions(entry.k_pos, k_pos[:, :old], key_valid)):
+        if entry.buffer.shape[2] < kv_len:  # grow by a margin: one copy per 256+ decoding steps
+            grown = key.new_empty(batch, hkv, kv_len + max(256, kv_len // 16), dim)
+            grown[:, :, :old] = entry.buffer[:, :, :old]
+            entry.buffer = grown
+        rotate(key[:, :, old:], old, entry.buffer[:, :, old:kv_len])
+        entry.k_pos = k_pos.clone()
+    else:
+        entry = _KeptKeys(None, k_pos.clone(), key.new_empty(batch, hkv, kv_len + 256, dim), 0, tag)
+        rotate(key, 0, entry.buffer[:, :, :kv_len])
+    entry.length, entry.keys_ref = kv_len, weakref.ref(key)
+    try:
+        setattr(layer, _KEPT_ATTR, entry)
+    except AttributeError:  # a cache layer that takes no attributes: nothing is kept
+        pass
+    return entry.buffer[:, :, :kv_len]
+
+
+class CachedPositions:
+    """Per attention layer: the position (fp32) of every key in its KV cache, appended call by call. A method that
+    re-rotates cached keys when its frequencies change reads them here. Lost track (the cache was cropped or
+    reordered outside a forward) is an error, never a silent mismatch."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.layers: dict[Any, torch.Tensor] = {}
+
+    def update(self, layer: Any, position_ids: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+               device: torch.device) -> torch.Tensor | None:
+        """Record this call's ``q_len`` keys; returns the positions of the keys cached before it, ``[B, past]``, or
+        None when there are none (a new sequence)."""
+        if position_ids is None:
+            position_ids = torch.arange(kv_len - q_len, kv_len, device=device)[None]
+        pos = position_ids.to(device=device, dtype=torch.float32).expand(batch, q_len)
+        past = kv_len - q_len
+        history = self.layers.get(layer)
+        if past == 0:
+            self.layers[layer] = pos.clone()
+            return None
+        if history is None or history.shape != (batch, past):
+            raise RuntimeError(f"{self.method} lost track of the KV cache (its length or batch changed outside a "
+                               "forward: cache cropping and beam reordering are not supported)")
+        self.layers[layer] = torch.cat((history, pos), dim=1)
+        return history
+
+    def clear(self) -> None:
+        self.layers.clear()

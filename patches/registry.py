@@ -1,0 +1,141 @@
+"""The one registry of methods (floor 3): each method module declares a :class:`Method` and registers it.
+
+A method declares everything about itself — name, kind, description, its config dataclass (which validates itself),
+``apply`` (its edits go onto the :class:`~longctx.patches.base.Undo` it is given), its export form, aliases, and,
+where its authors released checkpoints, how they are recognised and loaded. ``longctx.api``, export, the CLI and
+eval read these declarations; none of them names a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .base import Applied, MethodConfig, Undo
+
+__all__ = ["Method", "registry", "register", "get_method", "FORMS", "KINDS"]
+
+KINDS = ("rope", "rope_attention", "rope_positions", "absolute")
+FORMS = ("config", "longctx", "weights")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: what ``longctx.patch(model, name)`` takes.
+        kind: ``"rope"`` (rotary frequencies), ``"rope_attention"`` (an attention function over rotary q/k),
+            ``"rope_positions"`` (position ids of a rotary vision-language model), ``"absolute"`` (a learned position
+            table of an encoder).
+        description: one line for ``longctx methods`` and the README.
+        config: its :class:`~longctx.patches.base.MethodConfig` subclass.
+        apply: ``apply(model, config, undo) -> Applied``; every edit goes onto ``undo`` (raising leaves it to the
+            caller to undo).
+        export_form: ``"config"`` (a standard config expresses it: plain transformers and vLLM load it), ``"longctx"``
+            (the base model plus a ``longctx`` block that ``longctx.load`` re-applies) or ``"weights"`` (the weights
+            change); or a function of the resolved parameters giving one of these.
+        aliases: other names it answers to.
+        on_absolute: the method this name means on an absolute-position model (``pi`` → ``pi_absolute``).
+        recognise: ``recognise(config_json) -> bool`` for a checkpoint as its authors released it (CLEX).
+        load_checkpoint: ``load_checkpoint(folder, dtype=, device=, **options) -> (model, params)``: such a checkpoint
+            on transformers' own class, and the parameters to patch it with.
+        legacy_rope_types: rope types earlier longctx versions wrote into saved configs, mapped to
+            ``f(rope_parameters) -> (base rope parameters, patch parameters)``, so those saves still load.
+        carry_files: parameters naming files that an export must carry along, each mapped to
+            ``write(value, directory) -> "./name"`` (it writes the file into the export and returns how the saved
+            record refers to it; ``longctx.load`` resolves ``./`` against the export's directory).
+    """
+
+    name: str
+    kind: str
+    description: str
+    config: type[MethodConfig]
+    apply: Callable[[nn.Module, Any, Undo], Applied]
+    export_form: str | Callable[[dict[str, Any]], str]
+    aliases: tuple[str, ...] = ()
+    on_absolute: str | None = None
+    recognise: Callable[[dict], bool] | None = None
+    load_checkpoint: Callable[..., tuple[Any, dict[str, Any]]] | None = None
+    legacy_rope_types: dict[str, Callable[[dict], tuple[dict, dict]]] = dataclasses.field(default_factory=dict)
+    carry_files: dict[str, Callable[[Any, Any], str]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+        if isinstance(self.export_form, str) and self.export_form not in FORMS:
+            raise ValueError(f"method {self.name}: export_form must be one of {FORMS}, got {self.export_form!r}")
+        if self.config.method != self.name:
+            raise ValueError(f"method {self.name}: its config class {self.config.__name__} says method "
+                             f"{self.config.method!r}")
+
+    @property
+    def standard_config(self) -> bool:
+        """Whether a standard config can express the method (for its default parameters)."""
+        return self.form({}) == "config"
+
+    def form(self, params: dict[str, Any]) -> str:
+        """The export form for these resolved parameters."""
+        return self.export_form(params) if callable(self.export_form) else self.export_form
+
+    def parameters(self) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of every parameter the method takes."""
+        out = []
+        for f in dataclasses.fields(self.config):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append((f.name, str(f.type), default))
+        return out
+
+    def parameter_help(self) -> dict[str, str]:
+        """One line per parameter: what it does and what it accepts."""
+        out = {}
+        for f in dataclasses.fields(self.config):
+            check = f.metadata.get("check")
+            doc = f.metadata.get("doc", "")
+            out[f.name] = f"{doc} ({check.allowed()})" if check is not None else doc
+        return out
+
+    def make_config(self, **params: Any) -> MethodConfig:
+        """The validated config (``TypeError`` for an unknown parameter, ``ValueError`` for a bad value)."""
+        names = [f.name for f in dataclasses.fields(self.config)]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise TypeError(f"method '{self.name}' got unknown parameter(s) {unknown}; it accepts: {sorted(names)}")
+        return self.config(**params)
+
+    def applies_to(self, info: Any) -> bool:
+        """Whether the method fits a model described by ``longctx.inspect`` (its ``position_encoding``; position-id
+        methods such as V2PE: vision-language models, ``…ForConditionalGeneration`` with RoPE)."""
+        if self.kind == "rope_positions":
+            return info.position_encoding == "rope" and info.architecture.endswith("ForConditionalGeneration")
+        return info.position_encoding == ("absolute" if self.kind == "absolute" else "rope")
+
+
+registry: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (each method module calls this once, at import)."""
+    for name in (method.name, *method.aliases):
+        if name in registry or name in _ALIASES:
+            raise ValueError(f"method name '{name}' is already registered")
+    registry[method.name] = method
+    for alias in method.aliases:
+        _ALIASES[alias] = method.name
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method registered under ``name`` (or one of its aliases; case and ``-`` / ``_`` do not matter)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a method name is a string, got {name!r}; available methods: {', '.join(sorted(registry))}")
+    key = name.lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in registry:
+        raise ValueError(f"unknown method '{name}'; available methods: {', '.join(sorted(registry))}")
+    return registry[key]
