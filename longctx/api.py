@@ -86,8 +86,9 @@ def _apply(model: Any, hf: nn.Module, spec: Method, cfg: Any, params: dict, toke
         privatize_configs(hf, undo)
         applied = spec.apply(hf, cfg, undo)
         record = _reload_record(spec, applied)
-        if spec.form(applied.params) != "config":
-            setattr(hf.config, CONFIG_KEY, copy.deepcopy(record))  # the model's own config copy: saved with it
+        # the model's own config copy, saved with it: the record re-applies a method no standard config expresses;
+        # for the others ("form": "config") it only tells longctx.load the target length (limits to raise)
+        setattr(hf.config, CONFIG_KEY, {**copy.deepcopy(record), "form": spec.form(applied.params)})
         if applied.target_length:
             _raise_limits(model, hf, tokenizer, applied.target_length, undo, wrapper_limits)
     except BaseException:
@@ -327,6 +328,11 @@ def load(path: str | Path, *, dtype: Any = None, device: str | None = None, allo
     if block:
         if hasattr(hf.config, CONFIG_KEY):
             delattr(hf.config, CONFIG_KEY)
+        if block.get("form") == "config":  # the config itself carries the method: only the length limits
+            target = block["params"].get("target_length")
+            if target and model is not hf and getattr(model, "max_seq_length", None) is not None:
+                model.max_seq_length = max(model.max_seq_length, int(target))
+            return model
         params = {k: str(folder / v[2:]) if isinstance(v, str) and v.startswith("./") else v  # files of the export
                   for k, v in block["params"].items()}
         if legacy is not None and block is not legacy:

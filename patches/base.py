@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = [
-    "Action", "SetAttr", "RemoveHook", "SetLimit", "Undo", "Transient", "Check", "param", "MethodConfig",
+    "Action", "SetAttr", "RemoveHook", "SetLimit", "FollowCasts", "follow_casts", "Undo", "Transient", "Check", "param", "MethodConfig",
     "LengthConfig", "Applied", "PatchInfo", "PatchState", "privatize_configs", "real_key_lengths", "STATE_ATTR",
 ]
 
@@ -208,6 +208,54 @@ class SetLimit(Action):
         obj = self.target() if isinstance(self.target, Transient) else self.target
         if obj is not None:
             setattr(obj, self.name, self.old)
+
+
+class FollowCasts(Action):
+    """Installed as a module's ``_apply`` (an instance attribute; the class is untouched) while a patch has set
+    things aside from it — a replaced submodule, a replaced buffer: they follow every cast and move of the module, so
+    that unpatch puts them back as the never-patched module would hold them now. As the undo action it puts them
+    back and removes itself. Use :func:`follow_casts`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.buffers: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def __call__(self, fn: Any, recurse: bool = True) -> torch.nn.Module:
+        type(self.module)._apply(self.module, fn, recurse)
+        for aside in self.modules.values():
+            aside._apply(fn)
+        self.buffers = {n: (fn(t), persistent) for n, (t, persistent) in self.buffers.items()}
+        return self.module
+
+    def replace_module(self, name: str, new: torch.nn.Module) -> None:
+        self.modules.setdefault(name, getattr(self.module, name))
+        setattr(self.module, name, new)
+
+    def replace_buffer(self, name: str, new: torch.Tensor, persistent: bool = False) -> None:
+        if name not in self.buffers:
+            self.buffers[name] = (self.module._buffers[name], name not in self.module._non_persistent_buffers_set)
+        self.module.register_buffer(name, new, persistent=persistent)
+
+    def undo(self) -> None:
+        for name, old in self.modules.items():
+            setattr(self.module, name, old)
+        for name, (old, persistent) in self.buffers.items():
+            self.module.register_buffer(name, old, persistent=persistent)
+        self.module.__dict__.pop("_apply", None)
+
+
+def follow_casts(module: torch.nn.Module, undo: Undo) -> FollowCasts:
+    """The :class:`FollowCasts` of ``module`` for this patch (installed once)."""
+    current = module.__dict__.get("_apply")
+    if isinstance(current, FollowCasts):
+        return current
+    if current is not None:
+        raise RuntimeError(f"{type(module).__name__} already has an instance _apply: cannot follow its casts")
+    follower = FollowCasts(module)
+    module.__dict__["_apply"] = follower
+    undo.push(follower)
+    return follower
 
 
 class Undo:

@@ -246,4 +246,5 @@ def _legacy(params: dict) -> tuple[dict, dict]:
 
 METHOD = register(Method(NAME, "rope", DESCRIPTION, CLEXConfig, apply, export_form="longctx", recognise=recognise,
                          load_checkpoint=load_checkpoint, legacy_rope_types={"longctx_clex": _legacy},
-                         carry_files={"ode_weights": write_ode_weights}))
+                         carry_files={"ode_weights": write_ode_weights},
+                         examples=lambda L: [{"max_factor": 4}, {"max_factor": 4, "log_scale": True}]))

@@ -148,5 +148,6 @@ METHOD = register(Method(
     NAME, "rope", DESCRIPTION, DynamicNTKConfig, apply,
     export_form=lambda params: "longctx" if params.get("cache_consistent") else "config",
     aliases=("dynamic", "ntk_dynamic"),
+    examples=lambda L: [{"factor": 4.0}, {"factor": 4.0, "cache_consistent": True}],
     legacy_rope_types={"longctx_dynamic": _legacy(False), "longctx_ntk_by_length": _legacy(True)},
 ))

@@ -46,6 +46,10 @@ class Method:
             on transformers' own class, and the parameters to patch it with.
         legacy_rope_types: rope types earlier longctx versions wrote into saved configs, mapped to
             ``f(rope_parameters) -> (base rope parameters, patch parameters)``, so those saves still load.
+        compare_by_default: run in the evaluations' default comparison (beside the model as it is) on the models it
+            applies to.
+        examples: ``examples(trained_length) -> [params, …]``: typical patches of a model trained at that length,
+            each variant of the method once (the docs show them; the contract battery runs every one).
         carry_files: parameters naming files that an export must carry along, each mapped to
             ``write(value, directory) -> "./name"`` (it writes the file into the export and returns how the saved
             record refers to it; ``longctx.load`` resolves ``./`` against the export's directory).
@@ -62,9 +66,13 @@ class Method:
     recognise: Callable[[dict], bool] | None = None
     load_checkpoint: Callable[..., tuple[Any, dict[str, Any]]] | None = None
     legacy_rope_types: dict[str, Callable[[dict], tuple[dict, dict]]] = dataclasses.field(default_factory=dict)
+    compare_by_default: bool = False
+    examples: Callable[[int], list[dict[str, Any]]] = dataclasses.field(default=None)  # type: ignore[assignment]
     carry_files: dict[str, Callable[[Any, Any], str]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.examples is None:
+            object.__setattr__(self, "examples", _four_times)
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
         if isinstance(self.export_form, str) and self.export_form not in FORMS:
@@ -113,6 +121,10 @@ class Method:
         if self.kind == "rope_positions":
             return info.position_encoding == "rope" and info.architecture.endswith("ForConditionalGeneration")
         return info.position_encoding == ("absolute" if self.kind == "absolute" else "rope")
+
+
+def _four_times(trained_length: int) -> list[dict[str, Any]]:
+    return [{"target_length": 4 * trained_length}]
 
 
 registry: dict[str, Method] = {}

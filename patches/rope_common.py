@@ -154,15 +154,16 @@ def _frequency_names(module: nn.Module) -> list[str]:
 class RotaryGuard(Action):
     """Installed as a rotary module's ``_apply`` (an instance attribute; the class is untouched) while a RoPE method
     is applied: casts and moves run as usual, then the frequency buffers that were fp32 are put back in fp32 on
-    their new device (transformers' rotary modules would otherwise let ``.to(bfloat16)`` round them). The buffers and
-    attributes saved by :func:`rebuild_rotary` follow every cast and move exactly as they would have inside the
-    module. As the undo action it puts them back and removes itself."""
+    their new device (transformers' rotary modules would otherwise let ``.to(bfloat16)`` round them). It saves the
+    module's buffers (the very tensors) and attributes when installed; the saved buffers follow every cast and move
+    exactly as they would have inside the never-patched module. As the undo action it puts them back (whatever
+    :func:`rebuild_rotary` or a frequency hook did meanwhile) and removes itself."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.saved_attrs: dict[str, Any] | None = None
-        self.saved_buffers: dict[str, torch.Tensor | None] | None = None
-        self.saved_non_persistent: set[str] | None = None
+        self.saved_attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+        self.saved_buffers: dict[str, torch.Tensor | None] = dict(module._buffers)
+        self.saved_non_persistent = set(module._non_persistent_buffers_set)
 
     def __call__(self, fn: Any, recurse: bool = True) -> nn.Module:
         module = self.module
@@ -172,21 +173,19 @@ class RotaryGuard(Action):
             now = module._buffers.get(name)
             if now is not None and now.dtype != torch.float32:
                 module._buffers[name] = before.to(now.device)
-        if self.saved_buffers is not None:
-            self.saved_buffers = {n: fn(b) if b is not None else None for n, b in self.saved_buffers.items()}
+        self.saved_buffers = {n: fn(b) if b is not None else None for n, b in self.saved_buffers.items()}
         return module
 
     def undo(self) -> None:
         module = self.module
-        if self.saved_attrs is not None:
-            for key in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
-                if key not in self.saved_attrs:
-                    del module.__dict__[key]
-            module.__dict__.update(self.saved_attrs)
-            module._buffers.clear()
-            module._buffers.update(self.saved_buffers)
-            module._non_persistent_buffers_set.clear()
-            module._non_persistent_buffers_set.update(self.saved_non_persistent)
+        for key in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
+            if key not in self.saved_attrs:
+                del module.__dict__[key]
+        module.__dict__.update(self.saved_attrs)
+        module._buffers.clear()
+        module._buffers.update(self.saved_buffers)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(self.saved_non_persistent)
         module.__dict__.pop("_apply", None)
 
 
@@ -201,18 +200,10 @@ def guard_rotary(module: nn.Module, undo: Undo) -> RotaryGuard:
     return guard
 
 
-def _save(guard: RotaryGuard, module: nn.Module) -> None:
-    if guard.saved_attrs is None:
-        guard.saved_attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
-        guard.saved_buffers = dict(module._buffers)
-        guard.saved_non_persistent = set(module._non_persistent_buffers_set)
-
-
 def own_frequencies(module: nn.Module, undo: Undo) -> None:
     """Give ``module`` its own copies of its frequency buffers (for a :class:`FrequencyHook` that writes into them
     every forward); the originals — the very tensors — come back with the undo."""
-    guard = guard_rotary(module, undo)
-    _save(guard, module)
+    guard_rotary(module, undo)
     for name in _frequency_names(module):
         module._buffers[name] = module._buffers[name].clone()
 
@@ -220,11 +211,10 @@ def own_frequencies(module: nn.Module, undo: Undo) -> None:
 def rebuild_rotary(module: nn.Module, undo: Undo) -> None:
     """Re-run the rotary class on its (already edited) config and move the result into ``module`` in place; the old
     buffers (the very same tensors) and attributes are saved on its :class:`RotaryGuard` for the undo."""
-    guard = guard_rotary(module, undo)
+    guard_rotary(module, undo)
     device = next((b.device for n, b in module._buffers.items() if b is not None and n.endswith("inv_freq")),
                   torch.device("cpu"))
     fresh = type(module)(module.config)
-    _save(guard, module)
     for key in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
         if key not in vars(fresh):
             del module.__dict__[key]

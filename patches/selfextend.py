@@ -265,4 +265,6 @@ def apply(model: nn.Module, cfg: SelfExtendConfig, undo: Undo) -> Applied:
 
 
 METHOD = register(Method(NAME, "rope_attention", DESCRIPTION, SelfExtendConfig, apply, export_form="longctx",
-                         aliases=("self_extend", "grouped_attention")))
+                         aliases=("self_extend", "grouped_attention"),
+                         examples=lambda L: [{"group_size": 4, "window": L // 4},
+                                             {"target_length": 8 * L, "shift": "float", "scale_base": float(L)}]))

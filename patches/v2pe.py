@@ -169,6 +169,7 @@ def apply(model: nn.Module, cfg: V2PEConfig, undo: Undo) -> Applied:
                    reload={"delta": cfg.delta, "image_token_id": token, "trained_length": trained})
 
 
-METHOD = register(Method(NAME, "rope_positions", DESCRIPTION, V2PEConfig, apply, export_form="longctx"))
+METHOD = register(Method(NAME, "rope_positions", DESCRIPTION, V2PEConfig, apply, export_form="longctx",
+                         examples=lambda L: [{"delta": 0.25}, {"delta": "auto"}]))
 
 __all__ = ["V2PEConfig", "apply", "NAME", "DESCRIPTION", "V2PE_DELTAS", "METHOD"]

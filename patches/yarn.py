@@ -65,4 +65,4 @@ def apply(model: nn.Module, cfg: YaRNConfig, undo: Undo) -> Applied:
     return rope_applied(apply_rope_method(model, NAME, cfg, rope_parameters, undo), cfg)
 
 
-METHOD = register(Method(NAME, "rope", DESCRIPTION, YaRNConfig, apply, export_form="config"))
+METHOD = register(Method(NAME, "rope", DESCRIPTION, YaRNConfig, apply, export_form="config", compare_by_default=True))

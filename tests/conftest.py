@@ -93,6 +93,72 @@ def build(model_type: str, rope_parameters=None, state_dict=None, seed: int = 0,
     return model
 
 
+IMAGE = 100  # the image token of the tiny vision-language models
+VLM_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=TRAINED, initializer_range=0.3)
+
+
+def build_vlm(family: str):
+    """A tiny vision-language model (llava, internvl, gemma3) from its config."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    if family == "llava":
+        config = AutoConfig.for_model(
+            "llava", vision_config={**vision, "model_type": "clip_vision_model", "image_size": 16, "patch_size": 4},
+            text_config={**VLM_TEXT, "model_type": "llama"}, image_token_index=IMAGE, vision_feature_layer=-1)
+    elif family == "internvl":
+        config = AutoConfig.for_model(
+            "internvl", vision_config={**vision, "model_type": "internvl_vision", "image_size": [16, 16],
+                                       "patch_size": [4, 4]},
+            text_config={**VLM_TEXT, "model_type": "qwen2"}, image_token_id=IMAGE, downsample_ratio=0.5,
+            vision_feature_layer=-1)
+    else:
+        config = AutoConfig.for_model(
+            "gemma3", vision_config={**vision, "model_type": "siglip_vision_model", "image_size": 16, "patch_size": 4},
+            text_config={**VLM_TEXT, "model_type": "gemma3_text", "head_dim": 8, "sliding_window": 16,
+                         "layer_types": ["sliding_attention", "full_attention"]},
+            image_token_index=IMAGE, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def build_bert(seed: int = 0):
+    """A tiny BERT encoder (learned absolute positions, trained length TRAINED)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=TRAINED, pad_token_id=0)).eval()
+
+
+def word_tokenizer(model_max_length: int = TRAINED):
+    """A whitespace word-level tokenizer over w0 … w99 (ids 4 … 103), [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i + 4 for i in range(100)}}
+    backend = Tokenizer(models.WordLevel(vocab, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                   ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", model_max_length=model_max_length)
+
+
+def build_sentence_transformer(model, folder):
+    """``model`` (an encoder) saved to ``folder`` with :func:`word_tokenizer`, wrapped by sentence-transformers
+    (mean pooling, max_seq_length = TRAINED)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    transformer = Transformer(str(folder), max_seq_length=TRAINED)
+    pooling = Pooling(transformer.get_embedding_dimension())
+    return SentenceTransformer(modules=[transformer, pooling], device="cpu").eval()
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run the slow real-model tests")
 

@@ -63,6 +63,15 @@ def _threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _default_methods(model: Any, baseline: str) -> list[str]:
+    """The baseline and every method that applies to the model and asks to be compared by default."""
+    import longctx
+    from longctx.patches import registry
+
+    info = longctx.inspect(model)
+    return [baseline, *(m.name for m in registry.values() if m.compare_by_default and m.applies_to(info))]
+
+
 def _check_lengths(loaded: Any, methods: list[str], lengths: list[int], trained: int) -> None:
     """Absolute-position models cannot read past their position table without a method."""
     import longctx
@@ -98,12 +107,13 @@ def eval_ppl(
     threads: ThreadsOption = 0,
     param: ParamOption = None,
 ):
-    """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length).
+    """Perplexity versus length, vanilla beside extended methods (each patched to the evaluated length; default: the
+    methods compared by default that apply, yarn for a RoPE decoder).
 
     The default is a quick check: SmolLM2-135M-Instruct (trained at 8192 tokens) on 12,288 tokens of Jane Austen's
     Emma (1.5x), vanilla vs YaRN, with the perplexity of the tokens past 8192 shown apart.
     """
-    methods = _methods(method, compare, [BASELINE_DECODER, "yarn"])
+    methods = _methods(method, compare, []) or None  # None: chosen from the model once loaded
     fixed = {"trained_length": trained_length} if trained_length else {}
     params = method_params(param, methods, fixed=fixed)
     length_list = int_list(lengths, "--lengths", 2) if lengths else None
@@ -130,6 +140,7 @@ def eval_ppl(
     hf, tokenizer = loaded.model, loaded.tokenizer
     trained = trained_length or longctx.inspect(hf).trained_length
     length_list = length_list or [int(trained * 1.5)]
+    methods = methods or _default_methods(hf, BASELINE_DECODER)
     ids = token_ids(tokenizer, read_text(text))
     if ids.numel() < max(length_list):
         fail(f"the text has {ids.numel()} tokens, fewer than one window of {max(length_list)}; give a longer --text "
@@ -162,7 +173,6 @@ def eval_ppl(
 
 # --- retrieval ---------------------------------------------------------------------------------------------------
 DEFAULT_RETRIEVAL_LENGTHS = "256,512,1024,2048,4096"
-DEFAULT_ABSOLUTE_COMPARE = "truncate,grouped,pi,pcw"
 TASKS = ("passkey", "needle")
 
 
@@ -174,10 +184,9 @@ def eval_retrieval(
                                                       "queries.jsonl, qrels.jsonl (default: the synthetic tasks).")] = None,
     tasks: Annotated[str, typer.Option(help="Synthetic tasks when no --data: passkey, needle.")] = "passkey,needle",
     method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
-    compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP + " Default for a learned-position encoder: "
-                                                   f"{DEFAULT_ABSOLUTE_COMPARE} (one method of each kind; add "
-                                                   "recurrent, log_scale variants …); otherwise truncate + every "
-                                                   "method that applies.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP + " Default: truncate and the methods "
+                                                   "compared by default that apply to the model (a learned-position "
+                                                   "encoder: grouped, pi, pcw; a RoPE encoder: yarn).")] = None,
     lengths: Annotated[str, typer.Option(help="Synthetic document lengths in tokens.")] = DEFAULT_RETRIEVAL_LENGTHS,
     docs: Annotated[int, typer.Option(help="Synthetic documents (= queries) per length (LongEmbed: 50 queries "
                                            "against 100 documents).")] = 8,
@@ -248,8 +257,7 @@ def _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batc
     info = longctx.inspect(loaded.model)
     trained = info.trained_length
     if methods is None:
-        methods = (DEFAULT_ABSOLUTE_COMPARE.split(",") if info.position_encoding == "absolute"
-                   else [BASELINE_ENCODER, *info.methods])
+        methods = _default_methods(loaded.model, BASELINE_ENCODER)
     counter = Embedder(loaded.model, loaded.tokenizer, show_progress=False)
     try:
         if data is not None:

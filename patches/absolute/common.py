@@ -24,7 +24,7 @@ from torch import nn
 from longctx.models import find_rotary_modules, position_offset
 
 from ..attention import AttentionRuntime, attention_modules, install_attention
-from ..base import Action, Applied, LengthConfig, Undo, param, real_key_lengths
+from ..base import Applied, LengthConfig, Undo, follow_casts, param, real_key_lengths
 
 __all__ = ["AbsoluteConfig", "encoder_parts", "lengths", "interpolate_table", "install_positions", "RULES",
            "PositionsHook", "LogScaleRuntime"]
@@ -149,19 +149,6 @@ class PositionsHook:
         return (), named
 
 
-@dataclass(eq=False)
-class RestoreBuffer(Action):
-    """A buffer replaced with ``register_buffer``: put the old one back."""
-
-    module: nn.Module
-    name: str
-    old: torch.Tensor
-    persistent: bool
-
-    def undo(self) -> None:
-        self.module.register_buffer(self.name, self.old, persistent=self.persistent)
-
-
 class LogScaleRuntime(AttentionRuntime):
     """Each row's queries × ``max(1, ln n / ln L)`` for its ``n`` real tokens, then the model's own attention."""
 
@@ -193,6 +180,7 @@ def install_positions(model: nn.Module, cfg: AbsoluteConfig, undo: Undo, rule: s
                              "AttentionInterface; log_scale needs it")
         install_attention(model, LogScaleRuntime(L), undo, attention_modules(model, [config]), cfg.method)
         notes = notes + [f"queries scaled by max(1, ln n / ln {L})"]
+    aside = follow_casts(emb, undo)  # the table and buffers set aside follow .to() while patched
     if interpolate and not table_interpolated:
         old = emb.position_embeddings
         new = interpolate_table(old.weight.data[offset:offset + L], scale, getattr(cfg, "mode", "linear"))
@@ -200,7 +188,7 @@ def install_positions(model: nn.Module, cfg: AbsoluteConfig, undo: Undo, rule: s
         table = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
         table.weight.data.copy_(weight)
         table.weight.requires_grad_(old.weight.requires_grad)
-        undo.setattr(emb, "position_embeddings", table)
+        aside.replace_module("position_embeddings", table)
         config.max_position_embeddings = weight.shape[0]
     rows = scale * L
     names = [p for p in inspect.signature(type(emb).forward).parameters][1:]  # positional order, self excluded
@@ -211,10 +199,7 @@ def install_positions(model: nn.Module, cfg: AbsoluteConfig, undo: Undo, rule: s
     for name in ("token_type_ids",):  # BERT gathers token types by position id: keep it as long as the table
         old_buf = getattr(emb, name, None)
         if isinstance(old_buf, torch.Tensor) and old_buf.shape[-1] < rows + offset:
-            persistent = name not in emb._non_persistent_buffers_set
-            emb.register_buffer(name, torch.zeros(1, rows + offset, dtype=old_buf.dtype, device=old_buf.device),
-                                persistent=False)
-            undo.push(RestoreBuffer(emb, name, old_buf, persistent))
+            aside.replace_buffer(name, torch.zeros(1, rows + offset, dtype=old_buf.dtype, device=old_buf.device))
     params = {"trained_length": L, "target_length": N, **({"scale": scale} if interpolate else {})}
     extra: dict[str, Any] = {"log_scale": True} if cfg.log_scale else {}
     if interpolate:

@@ -131,5 +131,5 @@ def apply(model: nn.Module, cfg: PCWConfig, undo: Undo) -> Applied:
     )
 
 
-METHOD = register(Method(NAME, "absolute", DESCRIPTION, PCWConfig, apply, export_form="longctx",
+METHOD = register(Method(NAME, "absolute", DESCRIPTION, PCWConfig, apply, export_form="longctx", compare_by_default=True,
                          aliases=("chunk", "chunking")))

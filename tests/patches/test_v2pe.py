@@ -8,40 +8,15 @@ import logging
 
 import pytest
 import torch
-from conftest import SHARED, build
+from conftest import IMAGE, SHARED, VLM_TEXT, build, build_vlm
 from safetensors.torch import load_file
 
 import longctx
 from longctx.core.positions import v2pe_auto_delta, v2pe_position_ids
 
 FIXTURE = SHARED / "fixtures" / "v2pe_official"
-IMAGE = 100
-TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
-
-
 def _vlm(family: str):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    if family == "llava":
-        config = AutoConfig.for_model(
-            "llava", vision_config={**vision, "model_type": "clip_vision_model", "image_size": 16, "patch_size": 4},
-            text_config={**TEXT, "model_type": "llama"}, image_token_index=IMAGE, vision_feature_layer=-1)
-    elif family == "internvl":
-        config = AutoConfig.for_model(
-            "internvl", vision_config={**vision, "model_type": "internvl_vision", "image_size": [16, 16],
-                                       "patch_size": [4, 4]},
-            text_config={**TEXT, "model_type": "qwen2"}, image_token_id=IMAGE, downsample_ratio=0.5,
-            vision_feature_layer=-1)
-    else:
-        config = AutoConfig.for_model(
-            "gemma3", vision_config={**vision, "model_type": "siglip_vision_model", "image_size": 16, "patch_size": 4},
-            text_config={**TEXT, "model_type": "gemma3_text", "head_dim": 8, "sliding_window": 16,
-                         "layer_types": ["sliding_attention", "full_attention"]},
-            image_token_index=IMAGE, mm_tokens_per_image=4)
-    torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(config).eval()
+    return build_vlm(family)
 
 
 IMAGE_TOKENS = {"llava": 16, "internvl": 4, "gemma3": 4}
@@ -198,7 +173,7 @@ def test_qwen2_vl_is_refused():
 
     config = AutoConfig.for_model(
         "qwen2_vl", image_token_id=IMAGE,
-        text_config={**TEXT, "num_hidden_layers": 1, "eos_token_id": 2,
+        text_config={**VLM_TEXT, "num_hidden_layers": 1, "eos_token_id": 2,
                      "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}},
         vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, in_chans=3, patch_size=4,
                            spatial_merge_size=1))
