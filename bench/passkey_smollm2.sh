@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README's SmolLM2 passkey table, from the CLI: 10 trials per cell in two rounds of seeded keys (seed 0 at depths
+# docs/results.md's SmolLM2 passkey table, from the CLI: 10 trials per cell in two rounds of seeded keys (seed 0 at depths
 # 0.1…0.9, seed 100 at 0.0…0.8), each method patched to the prompt length. Every finished trial is appended to
 # $OUT/trials.jsonl; rerunning this script resumes where a stopped run left off (--resume). 91 minutes on a
 # 2-core CPU; the last command's table is the whole grid.

@@ -326,7 +326,7 @@ def test_verify_compares_and_catches_a_wrong_config(tmp_path, monkeypatch):
 
 
 def test_export_benchmark_script_runs(tmp_path):
-    """bench/export_speed.py on a small model (the README figure comes from its default size)."""
+    """bench/export_speed.py on a small model (the docs/export.md figure comes from its default size)."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "export_speed.py"), "--megabytes", "8", "--repeats",
                            "1", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -2,7 +2,7 @@
 fits in shared memory without spilling, pipelines its key / value loads and (bf16 / fp16) runs its products on
 Hopper's wgmma; the SelfExtend kernel's interior key loop issues about as many instructions as plain flash
 attention's. These are what the interpreter tests cannot see (they run no compiler) and what decided the kernel's
-speed on the GPU (see README, "Triton kernel"). The compile runs in a subprocess without TRITON_INTERPRET."""
+speed on the GPU (see docs/gpu.md). The compile runs in a subprocess without TRITON_INTERPRET."""
 
 from __future__ import annotations
 
