@@ -34,7 +34,7 @@ from .patches.base import STATE_ATTR, PatchInfo, PatchState, SetLimit, Transient
 from .patches.registry import Method, get_method  # noqa: F401  (get_method: for the faces)
 
 __all__ = ["PatchInfo", "patch", "unpatch", "patched", "unpatched", "methods", "inspect", "is_patched", "patch_info", "load",
-           "resolve_method", "reload_record", "recognised_checkpoint", "CONFIG_KEY"]
+           "resolve_method", "reload_record", "recognised_checkpoint", "config_dir", "CONFIG_KEY"]
 
 logger = logging.getLogger("longctx")
 CONFIG_KEY = "longctx"  # config.json block of a saved model whose method no standard config expresses
@@ -232,7 +232,7 @@ def _raise_limits(model: Any, hf: nn.Module, tokenizer: Any, target: int, undo: 
 # ---------------------------------------------------------------------------------------------------------------
 # loading saved and released checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def _config_dir(folder: Path) -> Path:
+def config_dir(folder: Path) -> Path:
     """Where config.json lives: ``folder``, or a sentence-transformers directory's Transformer module."""
     modules = folder / "modules.json"
     if modules.exists():
@@ -243,7 +243,7 @@ def _config_dir(folder: Path) -> Path:
 
 
 def _raw_config(folder: Path) -> dict:
-    path = _config_dir(folder) / "config.json"
+    path = config_dir(folder) / "config.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 

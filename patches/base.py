@@ -178,12 +178,23 @@ class RemoveHook(Action):
         self.handle.remove()
 
 
+class _Strong:
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
 class Transient:
     """A weak reference to an object outside the model (a tokenizer): followed while it lives, and dropped — not
     copied — when the model is deep-copied or pickled."""
 
     def __init__(self, obj: Any = None) -> None:
-        self._ref = weakref.ref(obj) if obj is not None else None
+        try:
+            self._ref = weakref.ref(obj) if obj is not None else None
+        except TypeError:  # an object without weak references: held, still neither copied nor pickled
+            self._ref = _Strong(obj)
 
     def __call__(self) -> Any:
         return self._ref() if self._ref is not None else None

@@ -37,7 +37,7 @@ import torch
 
 from ..models import unwrap
 from .card import model_card, write_card
-from .files import ExportError, move_into_place, partial_dir
+from .files import ExportError, move_into_place, partial_dir, recover
 from .forms import standard_config
 from .sources import Job, memory_job, path_job, tokenizer_of
 
@@ -114,6 +114,7 @@ def export(
 
     start = time.time()
     out = Path(out).expanduser().absolute()
+    recover(out)  # a previous export left aside by an overwrite that did not finish comes back first
     if isinstance(model_or_path, (str, Path)):
         job = path_job(str(model_or_path), out, method, params, overwrite)
     else:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PARTIAL", "OLD", "SKIP_DIRS", "ExportError", "check_out", "partial_dir", "move_into_place", "copy_tree",
+__all__ = ["PARTIAL", "OLD", "SKIP_DIRS", "ExportError", "check_out", "recover", "partial_dir", "move_into_place", "copy_tree",
            "copy_file", "write_json"]
 
 PARTIAL = ".longctx-partial-"
@@ -58,11 +58,12 @@ def _stale(out: Path, marker: str) -> list[Path]:
     return sorted(found)
 
 
-def partial_dir(out: Path) -> Path:
-    """A fresh hidden sibling of ``out`` to write into. Leftovers of earlier exports to ``out`` whose process is gone
-    are dealt with first: partial siblings are removed; a previous export set aside by an overwrite that did not
-    finish is renamed back to ``out`` if ``out`` is missing (it was the last good export), else removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+def recover(out: Path) -> None:
+    """Deal with leftovers of earlier exports to ``out`` whose process is gone (run before anything else): partial
+    siblings are removed; a previous export set aside by an overwrite that did not finish is renamed back to ``out``
+    if ``out`` is missing (it was the last good export), else removed."""
+    if not out.parent.exists():
+        return
     for stale in _stale(out, PARTIAL):
         shutil.rmtree(stale, ignore_errors=True)
     for old in _stale(out, OLD):
@@ -71,6 +72,12 @@ def partial_dir(out: Path) -> Path:
             logger.warning(f"longctx: restored {out} from {old.name}, left by an overwrite that did not finish")
         else:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def partial_dir(out: Path) -> Path:
+    """A fresh hidden sibling of ``out`` to write into (leftovers dealt with first, see :func:`recover`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
     partial = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()

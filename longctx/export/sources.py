@@ -22,14 +22,7 @@ __all__ = ["Job", "path_job", "memory_job", "transformer_dir", "tokenizer_of"]
 BASE_NOTE = "plain transformers loads the base model; longctx.load re-applies the extension"
 
 
-def transformer_dir(folder: Path) -> Path:
-    """Where config.json lives: ``folder`` itself, or a sentence-transformers directory's Transformer module."""
-    modules = folder / "modules.json"
-    if modules.exists():
-        for module in json.loads(modules.read_text()):
-            if module.get("type", "").endswith(".Transformer"):
-                return folder / module.get("path", "")
-    return folder
+transformer_dir = api.config_dir  # where config.json lives (a sentence-transformers directory: its module's)
 
 
 def tokenizer_of(folder: Path) -> Any:

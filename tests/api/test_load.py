@@ -45,10 +45,53 @@ def test_saved_patched_model_loads_with_its_extension(tmp_path, make, method, pa
 
 
 def test_standard_methods_need_no_record(tmp_path):
-    """yarn is a transformers rope type: the saved config carries it, plain loading is enough, no longctx block."""
+    """yarn is a transformers rope type: the saved config carries it and plain loading is enough; the longctx block
+    only records the form and the target (for the length limits)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
     model = build("llama")
     longctx.patch(model, "yarn", factor=4)
     model.save_pretrained(tmp_path)
-    assert longctx.api.CONFIG_KEY not in (tmp_path / "config.json").read_text()
+    block = json.loads((tmp_path / "config.json").read_text())[longctx.api.CONFIG_KEY]
+    assert block["form"] == "config" and block["params"]["target_length"] == 256
     ids = torch.randint(5, 100, (1, 100))
     assert torch.equal(_out(longctx.load(tmp_path), ids), _out(model, ids))
+    assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ids), _out(model, ids))
+
+
+@pytest.mark.parametrize("rope_type, cache_consistent", [("longctx_dynamic", False), ("longctx_ntk_by_length", True)])
+def test_saves_of_longctx_0_1_with_its_own_rope_types_still_load(tmp_path, rope_type, cache_consistent):
+    """longctx 0.1 saved dynamic NTK with its own rope types (plain transformers cannot read them): longctx.load
+    converts them and re-applies the method."""
+    import json
+
+    model = build("llama")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": rope_type, "factor": 4.0,
+                                 "original_max_position_embeddings": 64}
+    config["max_position_embeddings"] = 256
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = longctx.load(tmp_path)
+    info = longctx.patch_info(loaded)
+    assert info.method == "dynamic_ntk" and info.params["cache_consistent"] is cache_consistent
+    longctx.patch(model, "dynamic_ntk", factor=4, cache_consistent=cache_consistent)
+    ids = torch.randint(5, 100, (1, 150))
+    torch.testing.assert_close(_out(loaded, ids), _out(model, ids), atol=1e-5, rtol=0)
+
+
+def test_patched_context_manager_leaves_the_model_as_found():
+    model = build("llama")
+    ids = torch.randint(5, 100, (1, 150))
+    original = _out(model, ids)
+    with longctx.patched(model, "yarn", factor=4) as info:
+        assert info.method == "yarn" and not torch.equal(_out(model, ids), original)
+    assert not longctx.is_patched(model) and torch.equal(_out(model, ids), original)
+    longctx.patch(model, "pi", factor=2)
+    earlier = _out(model, ids)
+    with pytest.raises(RuntimeError, match="inside"):
+        with longctx.patched(model, "selfextend", group_size=4, window=16):
+            raise RuntimeError("inside the block")
+    assert longctx.patch_info(model).method == "pi" and torch.equal(_out(model, ids), earlier)

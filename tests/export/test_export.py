@@ -332,3 +332,18 @@ def test_export_benchmark_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["export_seconds"] > 0 and report["copy_seconds"] > 0 and report["ratio"] > 0
+
+
+def test_an_overwrite_killed_between_its_renames_is_restored_by_the_next_export(tmp_path):
+    """A killed overwrite can leave the previous export only under its hidden name (OUT renamed aside, the new one
+    not yet in place): the next export to OUT puts it back before doing anything else."""
+    _, src = _saved(tmp_path, "llama")
+    out = tmp_path / "out"
+    longctx.export(src, out, "yarn", factor=2, progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    aside = tmp_path / f".out.longctx-old-{dead}"
+    os.rename(out, aside)
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):  # restored first: OUT exists again
+        longctx.export(src, out, "pi", factor=2, progress=False)
+    assert _config(out)["rope_parameters"]["rope_type"] == "yarn" and not aside.exists()
