@@ -82,7 +82,7 @@ def _check_lengths(loaded: Any, methods: list[str], lengths: list[int], trained:
     too_long = [n for n in lengths if n > trained]
     if BASELINE_DECODER in methods and too_long:
         fail(f"lengths {too_long} exceed the {trained} positions of {loaded.spec}, which has no rotary embeddings "
-             f"to extrapolate: pass --method (e.g. {', '.join(info.methods or ['grouped', 'pi'])}) or use "
+             f"to extrapolate: pass --method (one of {', '.join(info.methods)}) or use "
              f"'{BASELINE_ENCODER}'")
 
 
@@ -185,8 +185,7 @@ def eval_retrieval(
     tasks: Annotated[str, typer.Option(help="Synthetic tasks when no --data: passkey, needle.")] = "passkey,needle",
     method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
     compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP + " Default: truncate and the methods "
-                                                   "compared by default that apply to the model (a learned-position "
-                                                   "encoder: grouped, pi, pcw; a RoPE encoder: yarn).")] = None,
+                                                   "compared by default that apply to the model ('longctx methods').")] = None,
     lengths: Annotated[str, typer.Option(help="Synthetic document lengths in tokens.")] = DEFAULT_RETRIEVAL_LENGTHS,
     docs: Annotated[int, typer.Option(help="Synthetic documents (= queries) per length (LongEmbed: 50 queries "
                                            "against 100 documents).")] = 8,

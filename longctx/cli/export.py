@@ -33,9 +33,9 @@ def export_cmd(
                                                  "previous one is never lost).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
-    """Write an extended checkpoint: a standard config (pi, ntk, dynamic_ntk, yarn: loads in plain transformers and
-    vLLM), a longctx block re-applied by longctx.load (selfextend, clex, v2pe, grouped, recurrent, pcw), or an
-    interpolated position table (pi on BERT-style encoders); plus a model card (README.md)."""
+    """Write an extended checkpoint in the form its method declares — a standard config (loads extended in plain
+    transformers and vLLM), a longctx block that longctx.load re-applies, or new weights — plus a model card
+    (README.md). 'longctx methods' says which methods a standard config expresses."""
     # the whole command is checked before any work
     model_spec(src)
     if method is not None:

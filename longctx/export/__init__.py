@@ -1,16 +1,16 @@
 """``longctx.export``: write an extended checkpoint that loads everywhere it can (floor 5).
 
-Three forms, each method declaring its own (``export_form`` in its registration):
+Three forms, each method declaring its own (``export_form`` in its registration; the table per method is in
+docs/export.md):
 
-* ``"config"`` — methods a standard config expresses (``pi`` → ``linear``, ``ntk`` → a new ``rope_theta``,
-  ``dynamic_ntk`` → ``dynamic``, ``yarn``): config.json gets the transformers 5 ``rope_parameters`` *and* the 4.x
-  form that vLLM, SGLang and the llama.cpp converter read (``forms.py``). Weights are copied, not rewritten: no model
-  is loaded (the method is applied to a weightless skeleton on the ``meta`` device to resolve its parameters).
-* ``"longctx"`` — methods no standard config expresses (selfextend, clex, v2pe, grouped, recurrent, pcw,
-  cache-consistent dynamic NTK): config.json keeps the base model's values plus a ``longctx`` block
-  ``{"method", "params"}`` that :func:`longctx.load` re-applies (files it names, e.g. CLEX's learned ODE weights,
-  are carried along); plain transformers loads the base model.
-* ``"weights"`` — absolute-position ``pi``: the interpolated position table is written into the weights, and the
+* ``"config"`` — a standard config expresses the method: config.json gets the transformers 5 ``rope_parameters``
+  *and* the 4.x form that vLLM, SGLang and the llama.cpp converter read (``forms.py``). Weights are copied, not
+  rewritten: no model is loaded (the method is applied to a weightless skeleton on the ``meta`` device to resolve its
+  parameters).
+* ``"longctx"`` — no standard config expresses it: config.json keeps the base model's values plus a ``longctx`` block
+  ``{"method", "params"}`` that :func:`longctx.load` re-applies (files it names, declared by the method, are carried
+  along); plain transformers loads the base model.
+* ``"weights"`` — the method changes weights (a learned position table interpolated): they are written, and the
   length limits (``max_position_embeddings``, the tokenizer's ``model_max_length``, sentence-transformers'
   ``max_seq_length``) are raised, so it loads at the new length anywhere.
 

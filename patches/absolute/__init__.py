@@ -1,10 +1,12 @@
 """Absolute-position encoders (BERT, MiniLM, E5 …): LongEmbed's training-free extensions of a learned position
-table, one module per method — ``grouped``, ``recurrent``, ``pi`` (``pi_absolute``: the table interpolated),
-``pcw`` (chunk-and-average) — on the shared pieces of ``common.py``."""
+table, one module per method — ``grouped``, ``recurrent``, ``pcw`` (chunk-and-average), ``pi`` (``pi_absolute``: the
+table interpolated) — on the shared pieces of ``common.py``. Every module here is imported (and so registered)."""
 
-from . import grouped, recurrent  # isort: skip
-from . import pcw, pi  # isort: skip
-from .common import interpolate_table
-from .pcw import pcw_chunks
+from .. import import_methods
 
-__all__ = ["grouped", "recurrent", "pi", "pcw", "interpolate_table", "pcw_chunks"]
+import_methods(__name__, __path__, ("grouped", "recurrent", "pcw", "pi"), {"common"})
+
+from .common import interpolate_table  # noqa: E402
+from .pcw import pcw_chunks  # noqa: E402
+
+__all__ = ["interpolate_table", "pcw_chunks"]

@@ -105,3 +105,59 @@ def test_patch_info_record_and_log(caplog):
     assert longctx.patch_info(model) is info
     assert "yarn applied: trained 64 -> target 256" in caplog.text
     assert info.to_dict()["target_length"] == 256
+
+
+def test_a_new_method_is_one_module(tmp_path, monkeypatch):
+    """A module that declares and registers a method is found by the package's import alone: longctx.methods lists
+    it, patch validates its parameters from its declaration, and patch / unpatch work — no other file edited."""
+    import sys
+    import textwrap
+
+    from longctx.patches import import_methods, registry
+    from longctx.patches.registry import _ALIASES
+
+    folder = tmp_path / "probe_methods"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "halfpi.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from typing import ClassVar
+
+        from longctx.patches.base import LengthConfig, param
+        from longctx.patches.registry import Method, register
+        from longctx.patches.rope_common import apply_rope_method, rope_applied
+
+        @dataclass(frozen=True)
+        class HalfPIConfig(LengthConfig):
+            method: ClassVar[str] = "halfpi"
+            strength: float = param(0.5, kind=float, gt=0, le=1, optional=False, doc="share of the factor")
+
+        def apply(model, cfg, undo):
+            fn = lambda cfg, p, ctx: {**p, "rope_type": "linear", "factor": 1 + cfg.strength * (ctx.factor - 1)}
+            return rope_applied(apply_rope_method(model, "halfpi", cfg, fn, undo), cfg)
+
+        register(Method("halfpi", "rope", "PI with part of the factor", HalfPIConfig, apply, export_form="config"))
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import_methods("probe_methods", [str(folder)], (), set())
+        assert "halfpi" in registry
+        listing = {m["name"]: m for m in longctx.methods()}
+        assert listing["halfpi"]["standard_config"] and listing["halfpi"]["parameters"][-1]["name"] == "strength"
+        with pytest.raises(ValueError, match=r"halfpi: strength must be a finite number > 0 and <= 1, got 2"):
+            longctx.patch(build("llama"), "halfpi", factor=4, strength=2)
+        model = build("llama")
+        ids = torch.randint(3, 100, (1, 80))
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+        info = longctx.patch(model, "halfpi", factor=4, strength=0.5)
+        assert model.config.rope_parameters == {**model.config.rope_parameters, "rope_type": "linear", "factor": 2.5}
+        assert info.factor == 4
+        longctx.unpatch(model)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, before)
+    finally:  # the registry as it was
+        registry.pop("halfpi", None)
+        _ALIASES.pop("halfpi", None)
+        sys.modules.pop("probe_methods.halfpi", None)
+        sys.modules.pop("probe_methods", None)

@@ -45,3 +45,26 @@ def test_device_map_split_gpu_cpu_gives_the_one_device_logits(tmp_path, method, 
                 assert buf.device == next(iter(owner.buffers())).device
         longctx.unpatch(model)
     torch.testing.assert_close(results[1], results[0], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("method,params", [("yarn", {"factor": 4}), ("selfextend", {"group_size": 4, "window": 16})])
+def test_a_move_to_the_gpu_after_patching_keeps_fp32_frequencies_and_unpatch_follows(tmp_path, method, params):
+    """.to("cuda") / .to(bfloat16) after a patch: the rotary frequencies stay fp32, on the GPU; unpatch restores what
+    the never-patched model would hold after the same moves (on the GPU, in its dtype)."""
+    import copy
+
+    _saved_llama(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reference = copy.deepcopy(model).to("cuda").to(torch.bfloat16)
+    longctx.patch(model, method, **params)
+    model.to("cuda").to(torch.bfloat16)
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.device.type == "cuda" and rotary.inv_freq.dtype == torch.float32
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    longctx.unpatch(model)
+    for (name, buf), (_, ref) in zip(model.named_buffers(), reference.named_buffers()):
+        assert buf.device == ref.device and buf.dtype == ref.dtype and torch.equal(buf, ref), name
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
