@@ -72,6 +72,15 @@ def _default_methods(model: Any, baseline: str) -> list[str]:
     return [baseline, *(m.name for m in registry.values() if m.compare_by_default and m.applies_to(info))]
 
 
+def _params_used(params: dict[str, dict], methods: list[str]) -> None:
+    """Parameters given for a method that is not evaluated are an error (checked again once the default methods are
+    known)."""
+    unused = sorted(set(params) - set(methods))
+    if unused:
+        fail(f"--param sets {', '.join(repr(m) for m in unused)} parameters but the methods evaluated are "
+             f"{', '.join(methods)} (add them with --compare)")
+
+
 def _check_lengths(loaded: Any, methods: list[str], lengths: list[int], trained: int) -> None:
     """Absolute-position models cannot read past their position table without a method."""
     import longctx
@@ -141,6 +150,7 @@ def eval_ppl(
     trained = trained_length or longctx.inspect(hf).trained_length
     length_list = length_list or [int(trained * 1.5)]
     methods = methods or _default_methods(hf, BASELINE_DECODER)
+    _params_used(params, methods)
     ids = token_ids(tokenizer, read_text(text))
     if ids.numel() < max(length_list):
         fail(f"the text has {ids.numel()} tokens, fewer than one window of {max(length_list)}; give a longer --text "
@@ -257,6 +267,7 @@ def _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batc
     trained = info.trained_length
     if methods is None:
         methods = _default_methods(loaded.model, BASELINE_ENCODER)
+    _params_used(params, methods)
     counter = Embedder(loaded.model, loaded.tokenizer, show_progress=False)
     try:
         if data is not None:
@@ -361,6 +372,7 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
     trained = longctx.inspect(hf).trained_length
     length_list = length_list or [trained // 2, trained, int(trained * 1.5)]
     methods = methods or [BASELINE_DECODER]
+    _params_used(params, methods)
     _check_lengths(loaded, methods, length_list, trained)
     log = ResultsLog.open(out / "trials.jsonl", resume) if out is not None else None
     if log is not None and log.unreadable:

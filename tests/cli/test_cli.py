@@ -83,3 +83,13 @@ def test_method_params_parsing():
     assert method_params(["self_extend.window=8"], ["selfextend"]) == {"selfextend": {"window": 8}}  # an alias
     with pytest.raises(typer.Exit):
         method_params(["group_size=16"], None)
+
+
+def test_param_for_a_method_not_evaluated_is_an_error(stories_path):
+    """--param for a method that does not run (here: not among the default methods) is refused, not ignored."""
+    result = runner.invoke(app, ["eval", "ppl", "--model", str(stories_path), "--param", "selfextend.window=8"])
+    assert result.exit_code == 2
+    assert "--param sets 'selfextend' parameters but the methods evaluated are vanilla, yarn" in result.output
+    explicit = runner.invoke(app, ["eval", "ppl", "--model", str(stories_path), "--compare", "vanilla,yarn",
+                                   "--param", "pi.factor=2"])
+    assert explicit.exit_code == 2 and "'pi' is not evaluated" in explicit.output
