@@ -89,6 +89,8 @@ def _apply(model: Any, hf: nn.Module, spec: Method, cfg: Any, params: dict, toke
         # the model's own config copy, saved with it: the record re-applies a method no standard config expresses;
         # for the others ("form": "config") it only tells longctx.load the target length (limits to raise)
         setattr(hf.config, CONFIG_KEY, {**copy.deepcopy(record), "form": spec.form(applied.params)})
+        for name, value in (spec.config_keys(record["params"]) if spec.config_keys else {}).items():
+            setattr(hf.config, name, copy.deepcopy(value))  # keys the method declares for other runtimes (vLLM)
         if applied.target_length:
             _raise_limits(model, hf, tokenizer, applied.target_length, undo, wrapper_limits)
     except BaseException:

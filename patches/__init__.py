@@ -18,8 +18,8 @@ from .registry import Method, get_method, register, registry
 
 __all__ = ["Method", "get_method", "register", "registry", "import_methods"]
 
-ORDER = ("pi", "ntk", "dynamic_ntk", "yarn", "selfextend", "clex", "v2pe", "absolute")
-MACHINERY = {"base", "registry", "rope_common", "attention"}
+ORDER = ("pi", "ntk", "dynamic_ntk", "yarn", "selfextend", "dca", "rerope", "clex", "v2pe", "absolute")
+MACHINERY = {"base", "registry", "rope_common", "attention", "pairmap"}
 
 
 def import_methods(package: str, path: Iterable[str], order: tuple[str, ...], skip: set[str]) -> None:

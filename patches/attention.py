@@ -35,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .base import Undo
 
-__all__ = ["PREFIX", "RUNTIME_ATTR", "AttentionRuntime", "install_attention", "attention_modules", "base_attention",
+__all__ = ["PREFIX", "RUNTIME_ATTR", "AttentionRuntime", "RotaryRuntime", "install_attention", "attention_modules", "base_attention",
            "attention_name", "CallPositions", "key_valid_mask", "call_positions", "cached_rotated_keys",
            "CachedPositions", "cache_layer_pre_hook"]
 
@@ -77,6 +77,53 @@ class AttentionRuntime:
     def call_base(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         return base_attention(self.base, module)(module, query, key, value, attention_mask, **kwargs)
+
+
+class RotaryRuntime(AttentionRuntime):
+    """A runtime that computes attention itself from rotated q/k (SelfExtend, the pair-map methods): the rotary
+    module's fp32 frequencies on any device (read live: casts and moves follow), the layer types it extends, and
+    the KV-cache layer of each call (``pending``, set by :func:`cache_layer_pre_hook`)."""
+
+    transient: ClassVar[tuple[str, ...]] = ("pending", "_moved")
+
+    def __init__(self, rotary: nn.Module, layer_types: list[Any]) -> None:
+        self.rotary = rotary
+        self.layer_types = list(layer_types)
+        self.__dict__.update(self.fresh_transient())
+
+    def fresh_transient(self) -> dict[str, Any]:
+        return {"pending": {}, "_moved": {}}
+
+    def frequencies(self, layer_type: Any, device: torch.device) -> torch.Tensor:
+        """The rotary module's fp32 ``inv_freq`` of ``layer_type`` on ``device`` (the very tensor while it does not
+        change: kept keys are tagged with it)."""
+        name = f"{layer_type}_inv_freq" if layer_type is not None else "inv_freq"
+        buf = getattr(self.rotary, name)
+        if buf.device == device and buf.dtype == torch.float32:
+            return buf
+        moved = self._moved.get((layer_type, device))
+        if moved is None or moved[0] is not buf:
+            moved = (buf, buf.detach().float().to(device))
+            self._moved[(layer_type, device)] = moved
+        return moved[1]
+
+    def layer_type(self, module: nn.Module) -> Any:
+        """The layer type of an attention module (None for a flat config)."""
+        if self.layer_types == [None]:
+            return None
+        layer_types = getattr(module.config, "layer_types", None)
+        return layer_types[module.layer_idx] if layer_types else None
+
+    def extends(self, module: nn.Module) -> bool:
+        """Whether this module's layer is extended (a full-attention layer of an extended layer type)."""
+        return self.layer_type(module) in self.layer_types and not getattr(module, "sliding_window", None)
+
+    def cache_layer(self, module: nn.Module, key: torch.Tensor) -> tuple[Any, bool]:
+        """``(the KV-cache layer whose keys these are, or None; whether it continues the kept keys)``."""
+        layer, continues = self.pending.pop(id(module), (None, False))
+        if layer is None or getattr(layer, "keys", None) is not key:
+            return None, False
+        return layer, continues
 
 
 def base_attention(name: str, module: nn.Module) -> Callable:

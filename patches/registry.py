@@ -46,6 +46,9 @@ class Method:
             on transformers' own class, and the parameters to patch it with.
         legacy_rope_types: rope types earlier longctx versions wrote into saved configs, mapped to
             ``f(rope_parameters) -> (base rope parameters, patch parameters)``, so those saves still load.
+        decoders_only: the method is defined for causal attention only (``applies_to`` says no for encoders).
+        config_keys: ``config_keys(record params) -> {key: value}``: config.json keys the method writes beside its
+            ``longctx`` block (while patched and in exports), e.g. vLLM's ``dual_chunk_attention_config``.
         compare_by_default: run in the evaluations' default comparison (beside the model as it is) on the models it
             applies to.
         examples: ``examples(trained_length) -> [params, …]``: typical patches of a model trained at that length,
@@ -66,6 +69,8 @@ class Method:
     recognise: Callable[[dict], bool] | None = None
     load_checkpoint: Callable[..., tuple[Any, dict[str, Any]]] | None = None
     legacy_rope_types: dict[str, Callable[[dict], tuple[dict, dict]]] = dataclasses.field(default_factory=dict)
+    decoders_only: bool = False
+    config_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     compare_by_default: bool = False
     examples: Callable[[int], list[dict[str, Any]]] = dataclasses.field(default=None)  # type: ignore[assignment]
     carry_files: dict[str, Callable[[Any, Any], str]] = dataclasses.field(default_factory=dict)
@@ -120,6 +125,8 @@ class Method:
         methods such as V2PE: vision-language models, ``…ForConditionalGeneration`` with RoPE)."""
         if self.kind == "rope_positions":
             return info.position_encoding == "rope" and info.architecture.endswith("ForConditionalGeneration")
+        if self.decoders_only and info.kind != "decoder":
+            return False
         return info.position_encoding == ("absolute" if self.kind == "absolute" else "rope")
 
 

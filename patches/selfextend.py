@@ -30,8 +30,8 @@ from longctx.kernels.selfextend_torch import grouped_keys, selfextend_attention
 from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
 
 from .attention import (
-    AttentionRuntime,
     CallPositions,
+    RotaryRuntime,
     attention_modules,
     cache_layer_pre_hook,
     cached_rotated_keys,
@@ -39,7 +39,7 @@ from .attention import (
 )
 from .base import Applied, MethodConfig, Undo, param
 from .registry import Method, register
-from .rope_common import frequency_buffer, guard_rotary
+from .rope_common import guard_rotary
 
 NAME = "selfextend"
 DESCRIPTION = (
@@ -82,52 +82,31 @@ class SelfExtendParams:
     backend: str  # "torch", "triton" or "auto" (Triton where it can run, torch elsewhere)
 
 
-class SelfExtendRuntime(AttentionRuntime):
+class SelfExtendRuntime(RotaryRuntime):
     """SelfExtend on the extended full-attention layers, plain attention on the others."""
 
     transient: ClassVar[tuple[str, ...]] = ("layout", "pending", "_moved")
 
     def __init__(self, params: SelfExtendParams, rotary: nn.Module, layer_types: list[str | None]) -> None:
         self.params = params
-        self.rotary = rotary
-        self.layer_types = list(layer_types)
         self.fallbacks: set[str] = set()  # why calls went to the torch path (warned once each)
-        self.__dict__.update(self.fresh_transient())
+        super().__init__(rotary, layer_types)
 
     def fresh_transient(self) -> dict[str, Any]:
-        # the Triton row layout of the last call (kept with the position_ids / mask it came from: every layer of one
-        # forward passes the same ones); the cache layer each attention call will use (set by a pre-hook); the
-        # frequencies moved to other devices
-        return {"layout": None, "pending": {}, "_moved": {}}
-
-    def frequencies(self, layer_type: str | None, device: torch.device) -> torch.Tensor:
-        """The rotary module's fp32 ``inv_freq`` of ``layer_type`` on ``device`` (the very tensor while it does not
-        change: kept keys are tagged with it)."""
-        buf = frequency_buffer(self.rotary, layer_type)
-        if buf.device == device and buf.dtype == torch.float32:
-            return buf
-        moved = self._moved.get((layer_type, device))
-        if moved is None or moved[0] is not buf:
-            moved = (buf, buf.detach().float().to(device))
-            self._moved[(layer_type, device)] = moved
-        return moved[1]
-
-    def layer_type(self, module: nn.Module) -> Any:
-        if self.layer_types == [None]:
-            return None
-        layer_types = getattr(module.config, "layer_types", None)
-        return layer_types[module.layer_idx] if layer_types else None
+        # and the Triton row layout of the last call (kept with the position_ids / mask it came from: every layer of
+        # one forward passes the same ones)
+        return {**super().fresh_transient(), "layout": None}
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         p = self.params
-        layer_type = self.layer_type(module)
-        if layer_type not in self.layer_types or getattr(module, "sliding_window", None):
+        if not self.extends(module):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        layer_type = self.layer_type(module)
         batch, _, q_len, dim = query.shape
         call = CallPositions(attention_mask, kwargs.get("position_ids"), batch, q_len, key.shape[2], query.device)
         scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or dim**-0.5
         inv_freq = self.frequencies(layer_type, query.device)
-        layer, continues = self.pending.pop(id(module), (None, False))
+        layer, continues = self.cache_layer(module, key)
         causal = getattr(module, "is_causal", True)
         softcap = kwargs.get("softcap")
         out = None
@@ -137,7 +116,7 @@ class SelfExtendRuntime(AttentionRuntime):
             key_valid = call.key_valid
             q_pos, k_pos = call.positions
             grouped = None
-            if layer is not None and getattr(layer, "keys", None) is key:  # keys from a KV cache: keep them rotated
+            if layer is not None:  # keys from a KV cache: keep them rotated
                 def rotate(part, start, out, k_pos=k_pos):
                     out.copy_(grouped_keys(part, k_pos[:, start:], inv_freq, p.group_size))
 
@@ -177,7 +156,7 @@ class SelfExtendRuntime(AttentionRuntime):
             why = self.layout[4]
             if layout is not None:
                 grouped = None
-                if q_len > 16 and layer is not None and getattr(layer, "keys", None) is key:
+                if q_len > 16 and layer is not None:
                     # prefill / chunks against a cache: grouped keys kept on the cache layer, extended as it grows,
                     # rotated by the kernel's one-pass rotation (positions are slot + the layout's row offset)
                     def rotate(part, start, out, offset=layout[0]):

@@ -61,6 +61,12 @@ def _config_form(form: str, base: dict, hf: Any, info: Any) -> tuple[str, tuple 
         return "longctx", None, [f"no standard config form: {e}; written as a longctx block instead"]
 
 
+def method_keys(record: dict) -> dict:
+    """config.json keys the method declares beside its block (``Method.config_keys``, e.g. vLLM's DCA config)."""
+    spec = api.get_method(record["method"])
+    return spec.config_keys(record["params"]) if spec.config_keys else {}
+
+
 def carry_files(record: dict, partial: Path) -> None:
     """Files the record's parameters name go into the export (each method declares which, ``carry_files``),
     referred to as ``./name``."""
@@ -151,8 +157,8 @@ class CopyJob(Job):
             notes += form_notes
         else:
             carry_files(record, partial)
-            config = {**base, api.CONFIG_KEY: record}
-            set_keys = {api.CONFIG_KEY: record}
+            config = {**base, api.CONFIG_KEY: record, **method_keys(record)}
+            set_keys = {api.CONFIG_KEY: record, **method_keys(record)}
             notes.append(BASE_NOTE)
         rewrites = {rel / "config.json": config}
         if form == "config":
@@ -198,7 +204,8 @@ class MemoryJob(Job):
         else:
             carry_files(record, partial)
             saved[api.CONFIG_KEY] = record
-            set_keys = {api.CONFIG_KEY: record}
+            saved.update(method_keys(record))
+            set_keys = {api.CONFIG_KEY: record, **method_keys(record)}
             if form == "weights":
                 set_keys["max_position_embeddings"] = saved.get("max_position_embeddings")
                 notes.append("plain loaders read the interpolated table densely (every input as if at the full "

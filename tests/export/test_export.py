@@ -66,7 +66,9 @@ def _config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-OTHER_ROWS = {"v2pe": "tests/patches/test_v2pe.py::test_export_round_trip (a tiny Llava)"}
+OTHER_ROWS = {"v2pe": "tests/patches/test_v2pe.py::test_export_round_trip (a tiny Llava)",
+              "dca": "tests/patches/test_pairmap_methods.py::test_dca_export_writes_vllms_config_and_loads_back",
+              "rerope": "tests/patches/test_pairmap_methods.py::test_dca_export_writes_vllms_config_and_loads_back"}
 
 
 def test_every_method_has_an_export_row():

@@ -1,0 +1,244 @@
+"""Attention under a per-pair position map (``longctx.core.pairmaps``: Dual Chunk Attention, ReRoPE), in PyTorch:
+the CPU path and the reference of the kernels. Exact, O(n) memory (no q × kv map of a whole sequence).
+
+Inputs are plain tensors: ``query [B, Hq, q, D]`` and ``key [B, Hkv, kv, D]`` already rotated by RoPE at their
+positions ``q_pos [B, q]`` / ``k_pos [B, kv]`` (rotate-half layout, the first ``2·len(inv_freq)`` dims rotary);
+``value [B, Hkv, kv, Dv]``; ``inv_freq`` the model's rotary inverse frequencies (fp32). Each branch's rotation is
+applied as a rotation by the position delta (RoPE rotations compose), angles in fp32. Softmax statistics and merges
+run in fp32; GQA query heads are folded into rows (K/V never repeated).
+
+* the **interval path** (causal, no padding, positions ``slot + offset`` shared by every row — prefill, chunked
+  prefill and decoding of a batch without padding): per query block (cut at the map's breaks), each branch attends
+  over its key interval as one unmasked call over the keys every row of the block uses it for, plus masked calls over
+  the edges where the rows differ; the calls are merged exactly through their log-sum-exps. Work ≈ causal attention;
+* the **blocked path** (anything else: padding, per-row positions): one ``block × kv`` fp32 score map per branch,
+  the branch picked per pair, one softmax;
+* :func:`pairmap_attention_naive` rotates raw (un-rotated) q and k to every branch's absolute positions: the test
+  oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longctx.core.pairmaps import PairMap
+from longctx.core.rope import rotate_by_angles
+
+__all__ = ["pairmap_attention", "pairmap_attention_blocked", "pairmap_attention_intervals", "pairmap_attention_naive",
+           "rotate_delta", "variant_keys", "uniform_offset"]
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def rotate_delta(x: torch.Tensor, pos_from: torch.Tensor, pos_to: torch.Tensor, inv_freq: torch.Tensor
+                 ) -> torch.Tensor:
+    """``x`` (rotated at ``pos_from``, ``[B, q]``) rotated to ``pos_to`` (float64 or integer ``[B, q]``): a rotation by
+    the delta, angles in fp32 (positions subtracted in fp64 first). Returns ``x.dtype``."""
+    delta = (pos_to.double() - pos_from.double()).float()
+    if not bool(delta.any()):
+        return x
+    freq = inv_freq.to(device=x.device, dtype=torch.float32)
+    return rotate_by_angles(x, delta[:, None, :, None] * freq)
+
+
+def variant_keys(key: torch.Tensor, k_pos: torch.Tensor, inv_freq: torch.Tensor, pmap: PairMap, variant: int
+                 ) -> torch.Tensor:
+    """Keys (rotated at ``k_pos``) rotated to the map's key positions of ``variant``."""
+    if pmap.key_identity(variant):
+        return key
+    return rotate_delta(key, k_pos, pmap.key_positions(variant, k_pos.long()), inv_freq)
+
+
+def uniform_offset(q_pos: torch.Tensor, k_pos: torch.Tensor, key_valid: torch.Tensor | None) -> int | None:
+    """The offset ``o`` when every key's position is ``slot + o`` in every row and the queries are the last slots
+    (no padding, one offset for the batch); else None."""
+    if key_valid is not None and not bool(key_valid.all()):
+        return None
+    kv_len, q_len = k_pos.shape[1], q_pos.shape[1]
+    offset = k_pos - torch.arange(kv_len, device=k_pos.device)
+    first = int(offset[0, 0])
+    if not bool((offset == first).all()) or not torch.equal(q_pos, k_pos[:, kv_len - q_len:].expand_as(q_pos)):
+        return None
+    return first
+
+
+def pairmap_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    pmap: PairMap,
+    scaling: float,
+    *,
+    key_valid: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
+    keys: dict[int, torch.Tensor] | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of ``query`` over ``key`` / ``value`` under ``pmap``, ``[B, Hq, q, Dv]`` in ``query.dtype``.
+
+    ``q_scale [B, q]`` multiplies the queries (a log-length scale, an mscale); ``keys`` optionally supplies the keys
+    of a variant already rotated to its positions (kept across decoding steps by the integration; they may carry a
+    per-key multiplier). ``key_valid [B, kv]`` masks padding; a query that sees no key returns zeros."""
+    keys = dict(keys or {})
+    for variant in sorted(set(pmap.variants)):
+        if variant not in keys:
+            keys[variant] = variant_keys(key, k_pos, inv_freq, pmap, variant)
+    if q_scale is not None:
+        query = query * q_scale[:, None, :, None].to(query.dtype)
+    offset = uniform_offset(q_pos, k_pos, key_valid)
+    if offset is not None and value.shape[-1] == query.shape[-1]:
+        return pairmap_attention_intervals(query, value, q_pos, inv_freq, pmap, scaling, keys, offset,
+                                           block_size=block_size)
+    return pairmap_attention_blocked(query, value, q_pos, k_pos, inv_freq, pmap, scaling, keys,
+                                     key_valid=key_valid, block_size=block_size)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q·kᵀ·scaling + mask)·v`` and its log-sum-exp (fp32) for GQA-folded rows ``q [B, Hkv, rows, D]``;
+    ``mask``: boolean ``[rows, keys]`` (True = attend). CPU: one flash-attention call, no score map."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None and q.dtype == k.dtype == v.dtype:
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            additive = additive[None, None]
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=additive, scale=scaling)
+        return out.float(), lse.float()
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v.float(), lse
+
+
+def pairmap_attention_intervals(
+    query: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor, inv_freq: torch.Tensor, pmap: PairMap,
+    scaling: float, keys: dict[int, torch.Tensor], offset: int, *, block_size: int | None = None,
+) -> torch.Tensor:
+    """The interval path (see the module docstring): positions are ``slot + offset`` in every row."""
+    batch, hq, q_len, dim = query.shape
+    hkv, kv_len = value.shape[1], value.shape[2]
+    rep = hq // hkv
+    first_pos = kv_len - q_len + offset  # position of the first query
+    block_size = block_size or 512
+    cuts = sorted({first_pos, first_pos + q_len, *range(first_pos, first_pos + q_len, block_size),
+                   *pmap.breaks(first_pos, first_pos + q_len)})
+    out = torch.empty_like(query)
+    device = query.device
+
+    def rows(x: torch.Tensor, qs: int, qe: int) -> torch.Tensor:  # [B, Hq, bq, D] -> [B, Hkv, rep·bq, D]
+        return x[:, :, qs:qe].reshape(batch, hkv, rep * (qe - qs), x.shape[-1])
+
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        qs, qe = start - first_pos, end - first_pos
+        i = torch.arange(start, end, device=device)
+        parts = []
+        for b in range(len(pmap.branches)):
+            lo, hi = pmap.intervals(b, i)
+            lo, hi = (lo - offset).clamp(0, kv_len), (hi - offset).clamp(0, kv_len)
+            if not bool((hi > lo).any()):
+                continue
+            q_b = rotate_delta(query[:, :, qs:qe], q_pos[:, qs:qe],
+                               pmap.query_positions(b, i)[None].expand(batch, -1), inv_freq)
+            k_b = keys[pmap.variants[b]]
+            q_rows = rows(q_b, 0, qe - qs)
+            core_lo, core_hi = int(lo.max()), int(hi.min())
+            ranges = []
+            if core_hi > core_lo:
+                ranges.append((core_lo, core_hi, False))
+                ranges += [(int(lo.min()), core_lo, True), (core_hi, int(hi.max()), True)]
+            else:
+                ranges.append((int(lo.min()), int(hi.max()), True))
+            for ks, ke, masked in ranges:
+                if ke <= ks:
+                    continue
+                mask = None
+                if masked:
+                    j = torch.arange(ks, ke, device=device)[None]
+                    allowed = (j >= lo[:, None]) & (j < hi[:, None])  # [bq, keys]
+                    empty = ~allowed.any(-1)
+                    mask = allowed.repeat(rep, 1)
+                o, lse = _attend(q_rows, k_b[:, :, ks:ke], value[:, :, ks:ke], mask, scaling)
+                if masked and bool(empty.any()):  # rows without a key here carry no weight
+                    lse = lse.masked_fill(empty.repeat(rep), float("-inf"))
+                    o = o.nan_to_num(0.0)
+                parts.append((o, lse))
+        lses = torch.stack([lse for _, lse in parts])
+        weights = torch.exp(lses - lses.max(0).values)
+        merged = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
+        out[:, :, qs:qe] = merged.view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
+    return out
+
+
+def pairmap_attention_blocked(
+    query: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, inv_freq: torch.Tensor,
+    pmap: PairMap, scaling: float, keys: dict[int, torch.Tensor], *, key_valid: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """The blocked path (any padding, per-row positions): per query block one fp32 score map per branch over every
+    key up to the block's last slot, the branch picked per pair, causal by position and padding masked."""
+    batch, hq, q_len, _ = query.shape
+    hkv, kv_len = value.shape[1], value.shape[2]
+    rep = hq // hkv
+    qp, kp = q_pos.long(), k_pos.long()
+    n_branches = len(pmap.branches)
+    if block_size is None:  # ~32M fp32 scores per block over all branches
+        block_size = max(16, min(q_len, (1 << 25) // max(1, batch * hq * kv_len * n_branches)))
+    offset = kv_len - q_len
+    vf = value.float()
+    out = torch.empty(batch, hkv, rep, q_len, value.shape[-1], dtype=torch.float32, device=query.device)
+    for qs in range(0, q_len, block_size):
+        qe = min(q_len, qs + block_size)
+        bq, ke = qe - qs, min(kv_len, offset + qe)
+        i, j = qp[:, qs:qe, None], kp[:, None, :ke]  # [B, bq, 1], [B, 1, ke]
+        which = pmap.branch(i, j)[:, None, None]  # [B, 1, 1, bq, ke]
+        scores = torch.full((batch, hkv, rep, bq, ke), float("-inf"), device=query.device)
+        for b in range(n_branches):
+            q_b = rotate_delta(query[:, :, qs:qe], q_pos[:, qs:qe], pmap.query_positions(b, qp[:, qs:qe]), inv_freq)
+            s = q_b.float().reshape(batch, hkv, rep * bq, -1) @ keys[pmap.variants[b]][:, :, :ke].float().transpose(
+                -1, -2)
+            scores = torch.where(which == b, s.view(batch, hkv, rep, bq, ke), scores)
+        allowed = j <= i  # causal by position
+        slot = torch.arange(ke, device=query.device)[None, None]
+        allowed = allowed & (slot <= torch.arange(offset + qs, offset + qe, device=query.device)[None, :, None])
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, :ke]
+        scores = (scores * scaling).masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[:, :, :, qs:qe] = (probs.view(batch, hkv, rep * bq, ke) @ vf[:, :, :ke]).view(batch, hkv, rep, bq, -1)
+    return out.reshape(batch, hq, q_len, -1).to(query.dtype)
+
+
+def pairmap_attention_naive(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+    inv_freq: torch.Tensor, pmap: PairMap, scaling: float, *, key_valid: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle: q and k un-rotated, then rotated to each branch's absolute positions; full fp32 score maps, K/V
+    repeated per head. Small inputs only."""
+    batch, hq, q_len, _ = query.shape
+    rep = hq // key.shape[1]
+    freq = inv_freq.float().to(query.device)
+
+    def at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return rotate_by_angles(x.float(), pos.float()[:, None, :, None] * freq)
+
+    q_raw, k_raw = at(query, -q_pos.double()), at(key, -k_pos.double())
+    if q_scale is not None:
+        q_raw = q_raw * q_scale[:, None, :, None].float()
+    qp, kp = q_pos.long(), k_pos.long()
+    which = pmap.branch(qp[:, :, None], kp[:, None, :])[:, None]
+    scores = torch.full((batch, hq, q_len, key.shape[2]), float("-inf"), device=query.device)
+    for b in range(len(pmap.branches)):
+        q_b = at(q_raw, pmap.query_positions(b, qp))
+        k_b = at(k_raw, pmap.key_positions(pmap.variants[b], kp)).repeat_interleave(rep, dim=1)
+        scores = torch.where(which == b, q_b @ k_b.transpose(-1, -2), scores)
+    allowed = kp[:, None, :] <= qp[:, :, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    scores = (scores * scaling).masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (probs @ value.float().repeat_interleave(rep, dim=1)).to(query.dtype)

@@ -1,0 +1,105 @@
+"""Dual Chunk Attention (An et al., ICML 2024, *Training-Free Long-Context Scaling of Large Language Models*;
+official code ``HKUNLP/ChunkLlama``, ``chunkllama_attn_replace.py``) as an attention runtime — no forward replaced,
+no class swapped, callable on a built model.
+
+The sequence is cut into chunks of c = s − w positions (s the chunk size, w the local window); keys sit at
+``j mod c``; a query sits at ``i mod c`` for keys of its own chunk, at ``min(i mod c + c, s)`` for the previous
+chunk and at ``min(2c − 1, s)`` for older chunks (``longctx.core.pairmaps.DCAMap``), so no relative distance
+exceeds s. ``mscale`` multiplies cos and sin by the official ``0.05·ln(n/L) + 1`` once n > L, i.e. queries and keys
+— logits by its square; keys keep the mscale of the step that wrote them, as the official cache does.
+
+Semantics as coded, exactly (tested against the official code's outputs, ``../shared/fixtures/dca_official``), with
+two differences by design: the official merge casts its softmax weights to bf16 (the logits move by up to 0.03 on the
+fixture; longctx merges in fp32 and matches the ``*_nocast`` reference), and the official rotary keeps its mscale
+state across sequences (a second prompt inherits the first one's largest length); longctx starts every sequence
+afresh, as a fresh model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from longctx.core.pairmaps import DCAMap, dca_geometry, dca_mscale
+
+from .base import Applied, MethodConfig, Undo, param
+from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, trained
+from .registry import Method, register
+
+NAME = "dca"
+DESCRIPTION = ("Dual Chunk Attention: positions within chunks of s - w, queries remapped for the previous and older "
+               "chunks so no distance exceeds s; an attention function, exact, O(n) memory (ChunkLlama, vLLM).")
+
+
+@dataclass(frozen=True)
+class DCAConfig(MethodConfig):
+    """Dual Chunk Attention. ``chunk_size`` s (default ¾ of the trained length L), ``local_window`` w (default
+    L/8); ``mscale``: the official ``0.05·ln(n/L) + 1`` on cos and sin once n > L; ``target_length``: the length you
+    want (recorded, raises ``max_position_embeddings``: DCA has no hard reach)."""
+
+    method: ClassVar[str] = NAME
+    chunk_size: int | None = param(kind=int, ge=2, doc="s: the chunk size (default 3/4 of the trained length)")
+    local_window: int | None = param(kind=int, ge=1, doc="w: the local window (default 1/8 of the trained length)")
+    mscale: bool = param(True, kind=bool, optional=False, doc="0.05 ln(n/L) + 1 on cos and sin once n > L")
+    target_length: int | None = param(kind=int, ge=2, doc="the length wanted (recorded; DCA has no hard reach)")
+    trained_length: int | None = param(kind=int, ge=2, doc="override the trained length read from the config")
+
+
+class DCARuntime(PairMapRuntime):
+    """Dual Chunk Attention on the extended layers."""
+
+    def __init__(self, pmap: DCAMap, mscale: bool, trained_length: int, rotary: nn.Module, layer_types: list) -> None:
+        self.pmap, self.mscale, self.trained_length = pmap, mscale, trained_length
+        super().__init__(rotary, layer_types)
+
+    def tag(self) -> tuple:
+        return (self.pmap, self.mscale, self.trained_length)
+
+    def query_scale(self, q_pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
+        if not self.mscale:
+            return None
+        return dca_mscale(n.cpu(), self.trained_length).to(q_pos.device)[:, None].expand(q_pos.shape)
+
+    def key_scale(self, n: torch.Tensor) -> torch.Tensor | None:
+        return dca_mscale(n.cpu(), self.trained_length).to(n.device) if self.mscale else None
+
+
+def apply(model: nn.Module, cfg: DCAConfig, undo: Undo) -> Applied:
+    config, rotary, layer_types = decoder_rotary(model, NAME)
+    L = trained(config, cfg.trained_length)
+    if cfg.target_length is not None and cfg.target_length <= L:
+        raise ValueError(f"dca: target_length={cfg.target_length} is not longer than the trained length {L}")
+    s, w, c = dca_geometry(L, cfg.chunk_size, cfg.local_window)
+    runtime = DCARuntime(DCAMap(s, w), cfg.mscale, L, rotary, layer_types)
+    install_pairmap(model, runtime, undo, NAME)
+    target = cfg.target_length
+    if target:
+        config.max_position_embeddings = max(target, config.max_position_embeddings or 0)
+    params = {"chunk_size": s, "local_window": w, "mscale": cfg.mscale}
+    notes = [f"chunks of {c} positions (chunk size {s}, local window {w}); relative positions at most {s} of {L}"
+             + ("; mscale 0.05 ln(n/L) + 1 once n > L" if cfg.mscale else "")]
+    return Applied(params=params, trained_length=L, target_length=target, factor=target / L if target else None,
+                   layer_types=[lt for lt in layer_types if lt is not None] or None, notes=notes,
+                   reload={**params, "trained_length": L, "target_length": target})
+
+
+def vllm_config(params: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``dual_chunk_attention_config`` (read by its Qwen2-family models; see docs/methods/dca.md for how its
+    semantics compare), and ``max_position_embeddings`` = the target so vLLM serves it."""
+    keys: dict[str, Any] = {"dual_chunk_attention_config": {
+        "chunk_size": params["chunk_size"], "local_size": params["local_window"],
+        "original_max_position_embeddings": params["trained_length"] if params.get("mscale") else 0}}
+    if params.get("target_length"):
+        keys["max_position_embeddings"] = params["target_length"]
+    return keys
+
+
+METHOD = register(Method(
+    NAME, "rope_attention", DESCRIPTION, DCAConfig, apply, export_form="longctx", aliases=("dual_chunk",
+                                                                                            "chunkllama"),
+    decoders_only=True, config_keys=vllm_config,
+    examples=lambda L: [{"target_length": 4 * L}, {"chunk_size": L // 2, "local_window": L // 8, "mscale": False}],
+))

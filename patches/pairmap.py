@@ -1,0 +1,122 @@
+"""What the per-pair position-map methods share (Dual Chunk Attention, ReRoPE): their attention runtime on the shared
+machinery and their apply. The maps themselves are ``longctx.core.pairmaps``; the attention on plain tensors is
+``longctx.kernels.pairmap_torch``.
+
+The runtime computes attention itself (q/k arrive rotated at their positions): positions per row from the mask
+(``CallPositions``: left padding, chunked prefill, cached decoding), each branch's keys rotated once and kept on the
+KV-cache layer (extended as the cache grows: a decoding step rotates only its new keys), and per-method query /
+key scales (ReRoPE's log-length query scale, DCA's mscale). Sliding-window layers keep plain attention. Decoders
+only: the methods are defined for causal attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from longctx.core.pairmaps import PairMap
+from longctx.kernels.pairmap_torch import pairmap_attention, variant_keys
+from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
+
+from .attention import CallPositions, RotaryRuntime, attention_modules, cache_layer_pre_hook, cached_rotated_keys, \
+    install_attention
+from .base import Undo
+from .rope_common import guard_rotary
+
+__all__ = ["PairMapRuntime", "install_pairmap", "check_decoder", "decoder_rotary"]
+
+
+class PairMapRuntime(RotaryRuntime):
+    """Attention under ``self.pmap`` on the extended layers. Subclasses set ``pmap`` and may scale queries
+    (:meth:`query_scale`) and kept keys (:meth:`key_scale`: a per-row factor applied to the keys a call adds)."""
+
+    pmap: PairMap
+    transient: ClassVar[tuple[str, ...]] = ("pending", "_moved")
+
+    def query_scale(self, q_pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
+        """``[B, q]`` multiplier of the queries (None: none); ``n [B]`` the real keys of each row in this call."""
+        return None
+
+    def key_scale(self, n: torch.Tensor) -> torch.Tensor | None:
+        """``[B]`` multiplier of the keys this call adds (None: none)."""
+        return None
+
+    def tag(self) -> tuple:
+        return (self.pmap,)
+
+    def forward(self, module, query, key, value, attention_mask, **kwargs):
+        if not self.extends(module):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if kwargs.get("softcap"):
+            raise NotImplementedError(f"{type(self).__name__}: attention logit softcapping is not supported")
+        batch, _, q_len, dim = query.shape
+        kv_len = key.shape[2]
+        call = CallPositions(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device)
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or dim**-0.5
+        inv_freq = self.frequencies(self.layer_type(module), query.device)
+        q_pos, k_pos = call.positions
+        key_valid = call.key_valid
+        n = key_valid.sum(-1) if key_valid is not None else torch.full((batch,), kv_len, device=query.device)
+        k_mult = self.key_scale(n)
+        layer, continues = self.cache_layer(module, key)
+        keys = {}
+        for variant in sorted(set(self.pmap.variants)):
+            if self.pmap.key_identity(variant) and k_mult is None:
+                continue  # the keys as they are
+
+            def rotate(part, start, out, variant=variant):
+                rotated = variant_keys(part, k_pos[:, start:], inv_freq, self.pmap, variant)
+                if k_mult is not None:
+                    rotated = rotated * k_mult.to(rotated.dtype)[:, None, None, None]
+                out.copy_(rotated)
+
+            if layer is not None:
+                keys[variant] = cached_rotated_keys(layer, continues, key, k_pos, q_len,
+                                                    (*self.tag(), variant, inv_freq), rotate, key_valid)
+            else:
+                keys[variant] = torch.empty_like(key)
+                rotate(key, 0, keys[variant])
+        out = pairmap_attention(query, key, value, q_pos, k_pos, inv_freq, self.pmap, scaling, key_valid=key_valid,
+                                q_scale=self.query_scale(q_pos, n), keys=keys)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def decoder_rotary(model: nn.Module, method: str) -> tuple[Any, nn.Module, list]:
+    """``(config, rotary module, extended layer types)`` of a decoder with rotary embeddings; errors name what is
+    supported. Changes nothing."""
+    rotaries = find_rotary_modules(model)
+    if not rotaries:
+        raise NotARopeModelError(
+            f"{type(model).__name__} has no rotary position embeddings; {method} remaps RoPE positions. For "
+            "absolute-position encoders use the absolute-position methods ('grouped', 'recurrent', 'pi', 'pcw')."
+        )
+    config = rotaries[0].config
+    modules = attention_modules(model, [config])
+    if any(getattr(m, "is_causal", True) is False for m in modules):
+        raise ValueError(f"{method} is defined for causal attention (decoders); {type(model).__name__} attends "
+                         "both ways — for RoPE encoders use selfextend (bidirectional) or a frequency method")
+    if modules and all(getattr(m, "sliding_window", None) for m in modules):
+        raise ValueError(f"every attention layer of this model uses a sliding window; {method} applies to "
+                         "full-attention layers")
+    rotary = next(r.module for r in rotaries if r.config is config)
+    return config, rotary, extendable_layer_types(config) or [None]
+
+
+def install_pairmap(model: nn.Module, runtime: PairMapRuntime, undo: Undo, method: str) -> None:
+    """Attach ``runtime`` to the model's attention, with the cache pre-hooks and the rotary modules' fp32 guard
+    (every check has run before: :func:`decoder_rotary`)."""
+    rotaries = find_rotary_modules(model)
+    config = rotaries[0].config
+    for r in rotaries:
+        guard_rotary(r.module, undo)
+    modules = attention_modules(model, [config])
+    install_attention(model, runtime, undo, modules, method)
+    for m in modules:
+        undo.hook(m.register_forward_pre_hook(cache_layer_pre_hook, with_kwargs=True))
+
+
+def trained(config: Any, override: int | None) -> int:
+    return int(override) if override else trained_length(config)
