@@ -1,11 +1,14 @@
-"""SelfExtend versus vanilla SDPA on SmolLM2-135M-Instruct: prefill time, peak memory, decode-step time.
+"""Attention methods (SelfExtend, DCA, ReRoPE …) versus vanilla SDPA on SmolLM2-135M-Instruct: prefill time, peak
+memory, decode-step time.
 
 Each (variant, length) runs in its own subprocess so that peak memory is that run's alone (CPU: the child's max
 RSS from wait4; CUDA: torch.cuda.max_memory_allocated). Ratios are to vanilla SDPA at the same length, same run.
-Variants: ``vanilla`` (sdpa), ``selfextend`` (longctx, default path), ``naive`` (two full q×kv maps: LongLM's
-formulation, kept as the test oracle; skipped above --naive-max tokens, where its maps alone outgrow memory).
+Variants: ``vanilla`` (sdpa), each of ``--methods`` (longctx, default parameters for the target n + steps), and for
+SelfExtend ``naive`` (two full q×kv maps: LongLM's formulation, kept as the test oracle; skipped above --naive-max
+tokens, where its maps alone outgrow memory).
 
     python bench/selfextend.py --lengths 4096,8192,16384
+    python bench/selfextend.py --lengths 8192,16384 --methods dca,rerope --naive-max 0
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ variant, n, steps, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys
 model, _ = load_causal_lm("smollm2", device=None if device == "cpu" else device)
 trained = longctx.inspect(model).trained_length
 if variant != "vanilla":
-    longctx.patch(model, "selfextend", target_length=max(n + steps, trained + 1))
+    longctx.patch(model, "selfextend" if variant == "naive" else variant, target_length=max(n + steps, trained + 1))
 if variant == "naive":
     import longctx.kernels.selfextend_torch as k
     import longctx.patches.selfextend as p
@@ -65,13 +68,15 @@ def main() -> None:
     parser.add_argument("--lengths", default="4096,8192,16384")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed (median) after the prefill")
     parser.add_argument("--naive-max", type=int, default=8192)
+    parser.add_argument("--methods", default="selfextend", help="comma-separated attention methods to time")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = parser.parse_args()
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
         base = run("vanilla", n, args.steps, args.device)
         rows.append(("vanilla", n, base, base))
-        for variant in ("selfextend", "naive"):
+        variants = args.methods.split(",") + (["naive"] if "selfextend" in args.methods.split(",") else [])
+        for variant in variants:
             if variant == "naive" and n > args.naive_max:
                 continue
             rows.append((variant, n, run(variant, n, args.steps, args.device), base))

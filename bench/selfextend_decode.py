@@ -1,4 +1,5 @@
-"""SelfExtend decode-step time versus vanilla on SmolLM2-135M-Instruct, interleaved in one process.
+"""Decode-step time of an attention method (SelfExtend, DCA, ReRoPE …) versus vanilla on SmolLM2-135M-Instruct,
+interleaved in one process.
 
 Two copies of the model (one patched) each prefill the same tokens into their own KV cache; then decoding steps
 alternate between them and the ratio of the medians is reported. Interleaving cancels what separate processes do
@@ -6,6 +7,7 @@ not: the DynamicCache's per-step ``torch.cat`` of the whole cache costs page fau
 from process to process (bench/selfextend.py measures prefill and peak memory, each variant in its own process).
 
     python bench/selfextend_decode.py --lengths 4096,8192,16384 --steps 12
+    python bench/selfextend_decode.py --lengths 8192,16384 --method dca
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,8192,16384")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--method", default="selfextend")
     args = parser.parse_args()
     vanilla, _ = load_causal_lm("smollm2")
     patched, _ = load_causal_lm("smollm2")
     trained = longctx.inspect(vanilla).trained_length
-    print("variant: SelfExtend (longctx defaults for target n + 64) vs vanilla sdpa; decode ms = median of steps")
-    print(f"{'tokens':>8}{'vanilla ms':>12}{'selfextend ms':>15}{'x':>7}")
+    print(f"variant: {args.method} (longctx defaults for target n + 64) vs vanilla sdpa; decode ms = median of steps")
+    print(f"{'tokens':>8}{'vanilla ms':>12}{args.method + ' ms':>15}{'x':>7}")
     for n in [int(x) for x in args.lengths.split(",")]:
         longctx.unpatch(patched)
-        longctx.patch(patched, "selfextend", target_length=max(n + 64, trained + 1))
+        longctx.patch(patched, args.method, target_length=max(n + 64, trained + 1))
         ids = torch.randint(10, 40000, (1, n), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             caches = []

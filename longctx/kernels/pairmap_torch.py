@@ -19,10 +19,12 @@ run in fp32; GQA query heads are folded into rows (K/V never repeated).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from longctx.core.pairmaps import PairMap
-from longctx.core.rope import rotate_by_angles
+from longctx.core.rope import apply_rotation, rotate_by_angles
 
 __all__ = ["pairmap_attention", "pairmap_attention_blocked", "pairmap_attention_intervals", "pairmap_attention_naive",
            "rotate_delta", "variant_keys", "uniform_offset"]
@@ -99,19 +101,101 @@ def pairmap_attention(
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q·kᵀ·scaling + mask)·v`` and its log-sum-exp (fp32) for GQA-folded rows ``q [B, Hkv, rows, D]``;
-    ``mask``: boolean ``[rows, keys]`` (True = attend). CPU: one flash-attention call, no score map."""
+    ``mask``: additive ``[1, 1, rows, keys]`` in ``q.dtype`` (0 / −inf). CPU: one flash-attention call, no score
+    map; elsewhere explicit fp32 scores."""
     if q.device.type == "cpu" and _FLASH_CPU is not None and q.dtype == k.dtype == v.dtype:
-        additive = None
-        if mask is not None:
-            additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            additive = additive[None, None]
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=additive, scale=scaling)
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scaling)
         return out.float(), lse.float()
     scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores + mask.float()
     lse = torch.logsumexp(scores, -1)
     return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v.float(), lse
+
+
+@dataclass
+class _Call:
+    """One attention call of a query block: branch ``b`` over keys ``[ks, ke)``, with its additive mask (None:
+    every row sees every key) and the rows that see none of them (None: no such row)."""
+
+    b: int
+    ks: int
+    ke: int
+    mask: torch.Tensor | None
+    empty: torch.Tensor | None
+
+
+@dataclass
+class _Block:
+    qs: int
+    qe: int
+    tables: dict[int, tuple[torch.Tensor, torch.Tensor] | None]  # branch -> cos / sin of the query's delta
+    calls: list[_Call]
+
+
+class _Plans:
+    """The interval path's plan (query blocks, their calls, masks and query rotation tables) depends only on the
+    positions, the map and the frequencies: every layer of one forward (and of one decoding step) uses the same, so
+    it is built once per forward, not once per layer."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self.entries: dict = {}
+
+    def get(self, pmap: PairMap, offset: int, q_len: int, kv_len: int, rep: int, block: int,
+            inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device) -> list[_Block]:
+        key = (pmap, offset, q_len, kv_len, rep, block, inv_freq.data_ptr(), inv_freq._version,
+               tuple(inv_freq.shape), dtype, device)
+        plan = self.entries.pop(key, None)
+        if plan is None:
+            plan = _plan(pmap, offset, q_len, kv_len, rep, block, inv_freq, dtype, device)
+            if len(self.entries) >= self.capacity:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = plan  # most recently used last
+        return plan
+
+
+_PLANS = _Plans()
+
+
+def _plan(pmap: PairMap, offset: int, q_len: int, kv_len: int, rep: int, block: int, inv_freq: torch.Tensor,
+          dtype: torch.dtype, device: torch.device) -> list[_Block]:
+    first_pos = kv_len - q_len + offset  # position of the first query
+    cuts = sorted({first_pos, first_pos + q_len, *range(first_pos, first_pos + q_len, block),
+                   *pmap.breaks(first_pos, first_pos + q_len)})
+    freq = inv_freq.to(device=device, dtype=torch.float32)
+    blocks = []
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        i = torch.arange(start, end)
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        calls = []
+        for b in range(len(pmap.branches)):
+            lo, hi = pmap.intervals(b, i)
+            lo = (lo - offset).clamp(0, kv_len).tolist()
+            hi = (hi - offset).clamp(0, kv_len).tolist()
+            if all(h <= lw for lw, h in zip(lo, hi)):
+                continue
+            delta = (pmap.query_positions(b, i) - i.double()).float().to(device)
+            tables[b] = None if not bool(delta.any()) else (
+                torch.cos(delta[:, None] * freq)[None, None], torch.sin(delta[:, None] * freq)[None, None])
+            core_lo, core_hi = max(lo), min(hi)
+            ranges = [(core_lo, core_hi, False), (min(lo), core_lo, True), (core_hi, max(hi), True)] \
+                if core_hi > core_lo else [(min(lo), max(hi), True)]
+            lo_t, hi_t = torch.tensor(lo, device=device), torch.tensor(hi, device=device)
+            for ks, ke, masked in ranges:
+                if ke <= ks:
+                    continue
+                mask = empty = None
+                if masked:
+                    j = torch.arange(ks, ke, device=device)[None]
+                    allowed = (j >= lo_t[:, None]) & (j < hi_t[:, None])  # [bq, keys]
+                    rows_empty = ~allowed.any(-1)
+                    empty = rows_empty.repeat(rep) if bool(rows_empty.any()) else None
+                    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+                    mask = mask.repeat(rep, 1)[None, None]
+                calls.append(_Call(b, ks, ke, mask, empty))
+        blocks.append(_Block(start - first_pos, end - first_pos, tables, calls))
+    return blocks
 
 
 def pairmap_attention_intervals(
@@ -122,53 +206,28 @@ def pairmap_attention_intervals(
     batch, hq, q_len, dim = query.shape
     hkv, kv_len = value.shape[1], value.shape[2]
     rep = hq // hkv
-    first_pos = kv_len - q_len + offset  # position of the first query
-    block_size = block_size or 512
-    cuts = sorted({first_pos, first_pos + q_len, *range(first_pos, first_pos + q_len, block_size),
-                   *pmap.breaks(first_pos, first_pos + q_len)})
+    plan = _PLANS.get(pmap, offset, q_len, kv_len, rep, block_size or 512, inv_freq, query.dtype, query.device)
     out = torch.empty_like(query)
-    device = query.device
-
-    def rows(x: torch.Tensor, qs: int, qe: int) -> torch.Tensor:  # [B, Hq, bq, D] -> [B, Hkv, rep·bq, D]
-        return x[:, :, qs:qe].reshape(batch, hkv, rep * (qe - qs), x.shape[-1])
-
-    for start, end in zip(cuts[:-1], cuts[1:]):
-        qs, qe = start - first_pos, end - first_pos
-        i = torch.arange(start, end, device=device)
+    for blk in plan:
+        qs, qe = blk.qs, blk.qe
+        q_block = query[:, :, qs:qe]
+        rotated = {b: (q_block if t is None else apply_rotation(q_block, *t)).reshape(batch, hkv, rep * (qe - qs), dim)
+                   for b, t in blk.tables.items()}
         parts = []
-        for b in range(len(pmap.branches)):
-            lo, hi = pmap.intervals(b, i)
-            lo, hi = (lo - offset).clamp(0, kv_len), (hi - offset).clamp(0, kv_len)
-            if not bool((hi > lo).any()):
-                continue
-            q_b = rotate_delta(query[:, :, qs:qe], q_pos[:, qs:qe],
-                               pmap.query_positions(b, i)[None].expand(batch, -1), inv_freq)
-            k_b = keys[pmap.variants[b]]
-            q_rows = rows(q_b, 0, qe - qs)
-            core_lo, core_hi = int(lo.max()), int(hi.min())
-            ranges = []
-            if core_hi > core_lo:
-                ranges.append((core_lo, core_hi, False))
-                ranges += [(int(lo.min()), core_lo, True), (core_hi, int(hi.max()), True)]
-            else:
-                ranges.append((int(lo.min()), int(hi.max()), True))
-            for ks, ke, masked in ranges:
-                if ke <= ks:
-                    continue
-                mask = None
-                if masked:
-                    j = torch.arange(ks, ke, device=device)[None]
-                    allowed = (j >= lo[:, None]) & (j < hi[:, None])  # [bq, keys]
-                    empty = ~allowed.any(-1)
-                    mask = allowed.repeat(rep, 1)
-                o, lse = _attend(q_rows, k_b[:, :, ks:ke], value[:, :, ks:ke], mask, scaling)
-                if masked and bool(empty.any()):  # rows without a key here carry no weight
-                    lse = lse.masked_fill(empty.repeat(rep), float("-inf"))
-                    o = o.nan_to_num(0.0)
-                parts.append((o, lse))
-        lses = torch.stack([lse for _, lse in parts])
-        weights = torch.exp(lses - lses.max(0).values)
-        merged = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
+        for call in blk.calls:
+            k_b = keys[pmap.variants[call.b]]
+            o, lse = _attend(rotated[call.b], k_b[:, :, call.ks:call.ke], value[:, :, call.ks:call.ke], call.mask,
+                             scaling)
+            if call.empty is not None:  # rows without a key here carry no weight
+                lse = lse.masked_fill(call.empty, float("-inf"))
+                o = o.nan_to_num(0.0)
+            parts.append((o, lse))
+        if len(parts) == 1:
+            merged = parts[0][0]
+        else:
+            lses = torch.stack([lse for _, lse in parts])
+            weights = torch.exp(lses - lses.max(0).values)
+            merged = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
         out[:, :, qs:qe] = merged.view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
     return out
 
