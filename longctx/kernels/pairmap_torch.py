@@ -19,6 +19,7 @@ run in fp32; GQA query heads are folded into rows (K/V never repeated).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +145,16 @@ class _Plans:
 
     def get(self, pmap: PairMap, offset: int, q_len: int, kv_len: int, rep: int, block: int,
             inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device) -> list[_Block]:
-        key = (pmap, offset, q_len, kv_len, rep, block, inv_freq.data_ptr(), inv_freq._version,
-               tuple(inv_freq.shape), dtype, device)
-        plan = self.entries.pop(key, None)
-        if plan is None:
-            plan = _plan(pmap, offset, q_len, kv_len, rep, block, inv_freq, dtype, device)
+        # The frequencies are known by identity (a weak reference checked on every hit) and version: an address
+        # alone is reused once a model is freed, and would hand one model's plan to another's frequencies.
+        key = (pmap, offset, q_len, kv_len, rep, block, id(inv_freq), inv_freq._version, dtype, device)
+        entry = self.entries.pop(key, None)
+        if entry is None or entry[0]() is not inv_freq:
+            entry = (weakref.ref(inv_freq), _plan(pmap, offset, q_len, kv_len, rep, block, inv_freq, dtype, device))
             if len(self.entries) >= self.capacity:
                 self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = plan  # most recently used last
-        return plan
+        self.entries[key] = entry  # most recently used last
+        return entry[1]
 
 
 _PLANS = _Plans()

@@ -110,3 +110,20 @@ def test_kept_variant_keys_are_used_and_low_precision_stays_close(name):
                                             pmap.variants)})
     for got in (half, blocked):
         assert (got.float() - ref).abs().max() < 1e-2
+
+
+def test_plan_cache_never_serves_a_freed_models_frequencies():
+    """The interval path's plan is cached per forward; frequencies freed with their model leave their address (and
+    Python id) to the next model's, whose plan must not be the freed one's (a deepcopy of a patched Gemma 3 once got
+    another layer type's rotation tables this way)."""
+    seen, reused = set(), False
+    for base in (10000.0, 50.0, 10000.0, 7.0, 300.0, 50.0):
+        q, k, v, q_pos, k_pos, _, _ = _inputs(1, 4, 2, 70, 70, 16, torch.float32)
+        inv = default_inv_freq(16, base)
+        reused |= bool({id(inv), inv.data_ptr()} & seen)
+        seen |= {id(inv), inv.data_ptr()}
+        got = pairmap_attention(q, k, v, q_pos, k_pos, inv, MAPS["rerope"], 0.25, block_size=16)
+        ref = pairmap_attention_naive(q, k, v, q_pos, k_pos, inv, MAPS["rerope"], 0.25)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+        del inv
+    assert reused  # the allocator did hand a freed tensor's id or address to a new one: the case was exercised
