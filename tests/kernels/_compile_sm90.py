@@ -1,7 +1,8 @@
 """Compiles the Triton kernels' launches for sm_90 (no GPU needed) and prints one JSON line per compiled launch; run
 by test_offline_compile.py in a process without TRITON_INTERPRET. ``--all`` compiles every autotuned configuration
 (else the first, the untuned default). A plain flash-attention kernel, compiled alike, is the yardstick for the
-instructions of the SelfExtend kernel's interior loops."""
+instructions of the SelfExtend kernel's interior loops. ``--pairmap`` compiles the pair-map kernel's launches (DCA,
+ReRoPE, Leaky ReRoPE) instead."""
 
 from __future__ import annotations
 
@@ -51,15 +52,41 @@ CALLS = {  # name -> (q_len, kv_len, heads, kv heads, head dim, dtype, causal)
     "decode-fp32": (1, 32768, 32, 8, 128, torch.float32, True),
     "decode-fp32-wide": (1, 32768, 16, 8, 256, torch.float32, True),
 }
+# the pair-map kernel (``--pairmap``): name -> (map, q_len, kv_len, heads, kv heads, head dim, dtype)
+PAIRMAP = {
+    "pairmap-dca-prefill": ("dca", 4096, 4096, 32, 8, 128, torch.bfloat16),
+    "pairmap-leaky-prefill": ("leaky", 4096, 4096, 32, 8, 128, torch.bfloat16),
+    "pairmap-rerope-prefill-gqa3-d64": ("rerope", 4096, 4096, 9, 3, 64, torch.bfloat16),
+    "pairmap-dca-prefill-wide": ("dca", 4096, 4096, 8, 8, 256, torch.bfloat16),
+    "pairmap-dca-prefill-fp32-d64": ("dca", 4096, 4096, 9, 3, 64, torch.float32),
+    "pairmap-leaky-prefill-fp32": ("leaky", 4096, 4096, 8, 8, 128, torch.float32),
+    "pairmap-dca-prefill-fp32-wide": ("dca", 4096, 4096, 8, 8, 256, torch.float32),
+    "pairmap-dca-decode": ("dca", 1, 32768, 32, 8, 128, torch.bfloat16),
+    "pairmap-leaky-decode-wide": ("leaky", 1, 32768, 16, 8, 256, torch.bfloat16),
+    "pairmap-dca-decode-fp32-wide": ("dca", 1, 32768, 16, 8, 256, torch.float32),
+}
+
+
+def _pairmap_call(name: str):
+    from longctx.core.pairmaps import DCAMap, ReRoPEMap
+    from longctx.kernels import pairmap_triton
+
+    which, q_len, kv_len, heads, kv_heads, dim, dtype = PAIRMAP[name]
+    pmap = {"dca": DCAMap(3072, 512), "rerope": ReRoPEMap(512), "leaky": ReRoPEMap(512, 16.0)}[which]
+    return pairmap_triton.example_call(q_len, kv_len, pmap, heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype)
 
 
 def main() -> None:
     every = "--all" in sys.argv
-    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(CALLS)
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or (
+        list(PAIRMAP) if "--pairmap" in sys.argv else list(CALLS))
     for name in names:
-        q_len, kv_len, heads, kv_heads, dim, dtype, causal = CALLS[name]
-        fn, args, kwargs = offline.example_call(q_len, kv_len, heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype,
-                                                causal=causal)
+        if name in PAIRMAP:
+            fn, args, kwargs = _pairmap_call(name)
+        else:
+            q_len, kv_len, heads, kv_heads, dim, dtype, causal = CALLS[name]
+            fn, args, kwargs = offline.example_call(q_len, kv_len, heads=heads, kv_heads=kv_heads, dim=dim,
+                                                    dtype=dtype, causal=causal)
         for r in offline.compile_call(fn, *args, all_configs=every, **kwargs):
             print(json.dumps({"call": name, "kernel": r.kernel, "config": r.config, "registers": r.registers,
                               "stack": r.stack, "shared": r.shared, "fits": r.fits, "cp_async": r.pipelined_loads,

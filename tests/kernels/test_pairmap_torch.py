@@ -113,17 +113,22 @@ def test_kept_variant_keys_are_used_and_low_precision_stays_close(name):
 
 
 def test_plan_cache_never_serves_a_freed_models_frequencies():
-    """The interval path's plan is cached per forward; frequencies freed with their model leave their address (and
-    Python id) to the next model's, whose plan must not be the freed one's (a deepcopy of a patched Gemma 3 once got
-    another layer type's rotation tables this way)."""
-    seen, reused = set(), False
-    for base in (10000.0, 50.0, 10000.0, 7.0, 300.0, 50.0):
+    """The interval path's plan is cached per forward, keyed by the frequencies' identity: a tensor freed with its
+    model leaves its address (and Python id) to the next model's, whose plan must not be the freed one's (a deepcopy
+    of a patched Gemma 3 once got another layer type's rotation tables this way, when plans were keyed by address)."""
+    from longctx.kernels.pairmap_torch import _PLANS
+
+    inv = default_inv_freq(16, 10000.0)
+    args = (MAPS["rerope"], 0, 70, 70, 3, 16)
+    plan = _PLANS.get(*args, inv, torch.float32, torch.device("cpu"))
+    assert _PLANS.get(*args, inv, torch.float32, torch.device("cpu")) is plan  # reused within a forward
+    same_address = inv.view_as(inv)  # another tensor object at the same address and version
+    assert same_address.data_ptr() == inv.data_ptr() and same_address._version == inv._version
+    assert _PLANS.get(*args, same_address, torch.float32, torch.device("cpu")) is not plan
+    for base in (10000.0, 50.0, 10000.0, 7.0, 300.0, 50.0):  # freed and reallocated frequencies, each one right
         q, k, v, q_pos, k_pos, _, _ = _inputs(1, 4, 2, 70, 70, 16, torch.float32)
         inv = default_inv_freq(16, base)
-        reused |= bool({id(inv), inv.data_ptr()} & seen)
-        seen |= {id(inv), inv.data_ptr()}
         got = pairmap_attention(q, k, v, q_pos, k_pos, inv, MAPS["rerope"], 0.25, block_size=16)
         ref = pairmap_attention_naive(q, k, v, q_pos, k_pos, inv, MAPS["rerope"], 0.25)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
         del inv
-    assert reused  # the allocator did hand a freed tensor's id or address to a new one: the case was exercised
