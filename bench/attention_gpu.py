@@ -18,6 +18,11 @@ shape) and writes JSON. Sections (``--sections``):
   weights), bf16: 32k-token prefill (``logits_to_keep=1``, as ``generate`` prefills) vanilla SDPA vs SelfExtend
   Triton vs SelfExtend torch; last-token logits and greedy generation of 16 tokens from a 32k prompt with the
   torch and Triton backends (``generate-fp32``: the same in fp32).
+- ``pairmap``: the pair-map kernel (Dual Chunk Attention with ChunkLlama's defaults for an 8k model, s = 6144,
+  w = 1024; ReRoPE and Leaky ReRoPE with w = 1024, k = 16) as a model layer calls it (keys of each variant kept
+  rotated, the row layout kept), bf16, 32 heads × 128: prefill at 8k / 32k against SDPA's backends, and one decoding
+  step against a 32k and a 128k cache (GQA 32 / 8) eager and under CUDA graphs; at 8k the output is compared with
+  the PyTorch path's.
 
     python bench/attention_gpu.py --out results/attention_gpu.json   # about 4-6 minutes on an H100 / H200
 """
@@ -36,7 +41,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longctx.core.rope import default_inv_freq
+from longctx.core.pairmaps import DCAMap, ReRoPEMap
+from longctx.kernels import pairmap_triton
 from longctx.kernels import selfextend_triton as kernel
+from longctx.kernels.pairmap_torch import pairmap_attention, variant_keys
 from longctx.kernels.selfextend_torch import selfextend_attention
 
 ROWS: list[dict] = []
@@ -182,6 +190,43 @@ def decode(caches, dtype=torch.bfloat16, hq=32, hkv=8, dim=128, window=1024, gro
         kernel._DECODE[""] = default
 
 
+PAIRMAPS = {"dca": DCAMap(6144, 1024), "rerope": ReRoPEMap(1024), "leaky rerope": ReRoPEMap(1024, 16.0)}
+
+
+def pairmap(lengths=(8192, 32768), caches=(32768, 131072), dtype=torch.bfloat16, hq=32, hkv=8, dim=128):
+    inv = default_inv_freq(dim, 10000.0).cuda()
+    name = str(dtype).replace("torch.", "")
+    for n, q_len, heads_kv in [(n, n, hq) for n in lengths] + [(n, 1, hkv) for n in caches]:
+        section = "pm-prefill" if q_len > 1 else "pm-decode"
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(1, hq, q_len, dim, device="cuda", dtype=dtype, generator=g)
+        k, v = (torch.randn(1, heads_kv, n, dim, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+        k_pos = torch.arange(n, device="cuda")[None]
+        q_pos = k_pos[:, n - q_len:]
+        found = sdpa_backends(q, k, v, q_len > 1, heads_kv != hq)
+        ref = min(found.values())
+        for backend, ms in found.items():
+            report(section, n, name, backend, ms, ref)
+        layout = kernel.row_layout(q_pos, k_pos, None, q_len, n)
+        for method, pmap in PAIRMAPS.items():
+            keys = {var: variant_keys(k, k_pos, inv, pmap, var) for var in set(pmap.variants)}  # kept on the cache
+            fn = lambda pmap=pmap, keys=keys: pairmap_triton.pairmap_attention_triton(  # noqa: E731
+                q, v, pmap, inv, dim**-0.5, keys, layout)
+            report(section, n, name, f"triton {method}", bench(fn, reps=10 if q_len > 1 else 50), ref)
+            if q_len == 1:
+                graphed = bench_graph(fn)
+                report("pm-decode-graph", n, name, f"triton {method}", graphed, None)
+            if n == min(lengths) or (q_len == 1 and n == min(caches)):
+                diff = (fn().float() - pairmap_attention(q, k, v, q_pos, k_pos, inv, pmap, dim**-0.5,
+                                                         keys=keys).float()).abs().max().item()
+                report("check", n, name, f"{method} max|triton - torch|", 0.0, None, diff=diff)
+        if q_len == 1:
+            graphed = sdpa_backends(q, k, v, False, True, timer=bench_graph)
+            for backend, ms in graphed.items():
+                report("pm-decode-graph", n, name, backend, ms, None)
+        torch.cuda.empty_cache()
+
+
 def smollm2_architecture(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -246,7 +291,7 @@ def generation_fp32(n=32768, new_tokens=16):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="prefill,decode,e2e,generate-fp32")
+    parser.add_argument("--sections", default="prefill,decode,e2e,generate-fp32,pairmap")
     parser.add_argument("--lengths", default="8192,32768,65536")
     parser.add_argument("--caches", default="32768,131072")
     parser.add_argument("--out", type=Path, default=Path("results/attention_gpu.json"))
@@ -260,6 +305,7 @@ def main() -> None:
         "decode": lambda: decode([int(x) for x in args.caches.split(",")]),
         "e2e": e2e,
         "generate-fp32": generation_fp32,
+        "pairmap": pairmap,
     }
     started = time.time()
     failed = []

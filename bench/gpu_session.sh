@@ -6,7 +6,8 @@
 # 1. the Triton tests compiled on the GPU that a CPU cannot run: the model-level Triton tests, the accelerate
 #    GPU/CPU split (tests/gpu), the offline-compile checks (for sm_90 from this machine's own triton);
 # 2. bench/attention_gpu.py (prefill, decode, CUDA-graph decode with the decode-configuration sweep, the SmolLM2-shaped
-#    model end to end, the fp32 generation check): JSON + its printed table;
+#    model end to end, the fp32 generation check, the pair-map kernel's prefill and decode): JSON + its printed table;
+#    then the pair-map kernel's compiled tests;
 # 3. with the time left, the kernel grid (tests/kernels, bf16 included) compiled.
 # Each step has its own time limit, so a slow step cannot eat the others' time. The device's python has torch,
 # triton and transformers but not longctx: the package is put on PYTHONPATH with its installed layout
@@ -39,6 +40,9 @@ step tests-model 150 "${PYTEST[@]}" -m "not slow" "$REPO/tests/gpu" "$REPO/tests
     "$REPO/tests/patches/test_selfextend.py" -k "gpu or triton or Triton or offline or device_map"
 # autotuned prefill (LONGCTX_TRITON_TUNE unset): the bench measures the configurations the kernel picks
 step bench 400 env -u LONGCTX_TRITON_TUNE python "$REPO/bench/attention_gpu.py" --out "$OUT/attention_gpu.json"
+# the pair-map kernel (DCA, ReRoPE) compiled: its kernel grid and the model-level tests with the Triton backend
+step tests-pairmap 120 "${PYTEST[@]}" -x "$REPO/tests/kernels/test_pairmap_triton.py" \
+    "$REPO/tests/patches/test_pairmap_methods.py" -k "triton or Triton"
 left=$((540 - ($(date +%s) - started)))
 if [ "$left" -gt 30 ]; then
     step tests-kernels "$left" "${PYTEST[@]}" -x "$REPO/tests/kernels/test_selfextend_triton.py"

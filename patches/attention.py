@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .base import Undo
 
-__all__ = ["PREFIX", "RUNTIME_ATTR", "AttentionRuntime", "RotaryRuntime", "install_attention", "attention_modules", "base_attention",
+__all__ = ["BACKENDS", "resolve_backend", "PREFIX", "RUNTIME_ATTR", "AttentionRuntime", "RotaryRuntime",
+           "install_attention", "attention_modules", "base_attention",
            "attention_name", "CallPositions", "key_valid_mask", "call_positions", "cached_rotated_keys",
            "CachedPositions", "cache_layer_pre_hook"]
 
 PREFIX = "longctx_"
+BACKENDS = ("torch", "triton", "auto")  # attention kernels of the methods that compute attention themselves
 RUNTIME_ATTR = "_longctx_attention"
 _KEPT_ATTR = "_longctx_kept_keys"
 
@@ -82,17 +85,47 @@ class AttentionRuntime:
 class RotaryRuntime(AttentionRuntime):
     """A runtime that computes attention itself from rotated q/k (SelfExtend, the pair-map methods): the rotary
     module's fp32 frequencies on any device (read live: casts and moves follow), the layer types it extends, and
-    the KV-cache layer of each call (``pending``, set by :func:`cache_layer_pre_hook`)."""
+    the KV-cache layer of each call (``pending``, set by :func:`cache_layer_pre_hook`), the Triton kernels' row layout
+    and fallbacks (``backend``, :meth:`triton_layout`, :meth:`fell_back`)."""
 
-    transient: ClassVar[tuple[str, ...]] = ("pending", "_moved")
+    transient: ClassVar[tuple[str, ...]] = ("pending", "_moved", "layout")
+
+    backend: str = "torch"  # "torch", "triton" or "auto" (Triton where it can run, torch elsewhere)
 
     def __init__(self, rotary: nn.Module, layer_types: list[Any]) -> None:
         self.rotary = rotary
         self.layer_types = list(layer_types)
+        self.fallbacks: set[str] = set()  # why calls went to the torch path (warned once each)
         self.__dict__.update(self.fresh_transient())
 
     def fresh_transient(self) -> dict[str, Any]:
-        return {"pending": {}, "_moved": {}}
+        # ``layout``: the Triton kernels' row layout of the last call, kept with the position_ids / mask it came
+        # from (every layer of one forward passes the same ones)
+        return {"pending": {}, "_moved": {}, "layout": None}
+
+    def triton_layout(self, call: "CallPositions", shape: tuple) -> tuple[Any, str | None]:
+        """``(row layout, None)`` of the Triton kernels for this call, or ``(None, why not)``; computed (one device
+        sync) only when not kept from an earlier layer of the same forward. ``shape``: (batch, q, kv, device)."""
+        from longctx.kernels import selfextend_triton as kernel
+
+        last = self.layout
+        sources = (call.position_ids, call.mask)
+        if last is not None and last[2] == shape and all(_same_object(r, x) for r, x in zip(last[:2], sources)):
+            return last[3], last[4]
+        try:
+            layout, why = kernel.row_layout(*call.positions, call.key_valid, shape[1], shape[2]), None
+        except kernel.Unsupported as e:
+            layout, why = None, str(e)
+        refs = [weakref.ref(x) if x is not None else None for x in sources]  # weak: a mask can be large
+        self.layout = (*refs, shape, layout, why)
+        return layout, why
+
+    def fell_back(self, why: str, method: str) -> None:
+        """A call went to the torch path: warned once per reason when Triton was asked for (``"auto"`` falls back
+        quietly, as its patch note says)."""
+        if self.backend == "triton" and why not in self.fallbacks:
+            self.fallbacks.add(why)
+            warnings.warn(f"{method}: this call runs on the torch path, not Triton: {why}", stacklevel=5)
 
     def frequencies(self, layer_type: Any, device: torch.device) -> torch.Tensor:
         """The rotary module's fp32 ``inv_freq`` of ``layer_type`` on ``device`` (the very tensor while it does not
@@ -175,6 +208,29 @@ def attention_modules(model: nn.Module, configs: Any = None) -> list[nn.Module]:
     return [m for m in model.modules()
             if not isinstance(m, PreTrainedModel) and m.__dict__.get("config") is not None
             and hasattr(m, "is_causal") and (ids is None or id(m.config) in ids)]
+
+
+def _same_object(ref, obj) -> bool:
+    """``ref`` (a weak reference or None) still points at ``obj``."""
+    return obj is None if ref is None else ref() is obj
+
+
+def resolve_backend(backend: str, device: torch.device, kernel_note: str) -> tuple[str, str]:
+    """``(backend kept for the calls, the patch note saying what runs)`` for ``attn_backend`` on a model on
+    ``device``: "auto" is Triton on CUDA when triton is installed, the torch path elsewhere; "triton" without the
+    package is an error. ``kernel_note`` says which calls the Triton kernel takes."""
+    if backend == "torch":
+        return "torch", "backend=torch"
+    from longctx.kernels import selfextend_triton as kernel
+
+    if kernel.triton is None:
+        if backend == "triton":
+            raise ImportError("attn_backend='triton' needs the triton package (pip install 'longctx[triton]'); "
+                              "use attn_backend='torch' or 'auto'")
+        return "torch", "backend=torch (auto: triton is not installed)"
+    if backend == "auto" and device.type != "cuda":  # recorded as "torch": the same note as asking for it
+        return "torch", "backend=torch"
+    return backend, f"backend={backend}: {kernel_note}; the torch path for other calls"
 
 
 def install_attention(model: nn.Module, runtime: AttentionRuntime, undo: Undo, modules: list[nn.Module],

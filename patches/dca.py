@@ -26,7 +26,9 @@ from torch import nn
 from longctx.core.pairmaps import DCAMap, dca_geometry, dca_mscale
 
 from .base import Applied, MethodConfig, Undo, param
-from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, trained
+from .attention import BACKENDS
+from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, resolve_pairmap_backend, \
+    trained
 from .registry import Method, register
 
 NAME = "dca"
@@ -46,6 +48,8 @@ class DCAConfig(MethodConfig):
     mscale: bool = param(True, kind=bool, optional=False, doc="0.05 ln(n/L) + 1 on cos and sin once n > L")
     target_length: int | None = param(kind=int, ge=2, doc="the length wanted (recorded; DCA has no hard reach)")
     trained_length: int | None = param(kind=int, ge=2, doc="override the trained length read from the config")
+    attn_backend: str = param("auto", kind=str, choices=BACKENDS, optional=False,
+                              doc="the attention kernel (auto: Triton on CUDA, else torch)")
 
 
 class DCARuntime(PairMapRuntime):
@@ -74,16 +78,20 @@ def apply(model: nn.Module, cfg: DCAConfig, undo: Undo) -> Applied:
         raise ValueError(f"dca: target_length={cfg.target_length} is not longer than the trained length {L}")
     s, w, c = dca_geometry(L, cfg.chunk_size, cfg.local_window)
     runtime = DCARuntime(DCAMap(s, w), cfg.mscale, L, rotary, layer_types)
+    backend, backend_note = resolve_pairmap_backend(cfg.attn_backend, model)
+    runtime.backend = backend
     install_pairmap(model, runtime, undo, NAME)
     target = cfg.target_length
     if target:
         config.max_position_embeddings = max(target, config.max_position_embeddings or 0)
-    params = {"chunk_size": s, "local_window": w, "mscale": cfg.mscale}
-    notes = [f"chunks of {c} positions (chunk size {s}, local window {w}); relative positions at most {s} of {L}"
+    params = {"chunk_size": s, "local_window": w, "mscale": cfg.mscale, "attn_backend": backend}
+    notes = [backend_note, f"chunks of {c} positions (chunk size {s}, local window {w}); relative positions at "
+             f"most {s} of {L}"
              + ("; mscale 0.05 ln(n/L) + 1 once n > L" if cfg.mscale else "")]
     return Applied(params=params, trained_length=L, target_length=target, factor=target / L if target else None,
                    layer_types=[lt for lt in layer_types if lt is not None] or None, notes=notes,
-                   reload={**params, "trained_length": L, "target_length": target})
+                   reload={**params, "attn_backend": cfg.attn_backend, "trained_length": L,
+                           "target_length": target})
 
 
 def vllm_config(params: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ only: the methods are defined for causal attention.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,11 +22,14 @@ from longctx.kernels.pairmap_torch import pairmap_attention, variant_keys
 from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
 
 from .attention import CallPositions, RotaryRuntime, attention_modules, cache_layer_pre_hook, cached_rotated_keys, \
-    install_attention
+    install_attention, resolve_backend
 from .base import Undo
 from .rope_common import guard_rotary
 
-__all__ = ["PairMapRuntime", "install_pairmap", "check_decoder", "decoder_rotary"]
+__all__ = ["PairMapRuntime", "install_pairmap", "decoder_rotary", "resolve_pairmap_backend", "trained"]
+
+KERNEL_NOTE = ("Triton pair-map kernel for fp16/bf16/fp32, head dims 16-256, full rotary, contiguous positions, "
+               "left padding")
 
 
 class PairMapRuntime(RotaryRuntime):
@@ -34,7 +37,6 @@ class PairMapRuntime(RotaryRuntime):
     (:meth:`query_scale`) and kept keys (:meth:`key_scale`: a per-row factor applied to the keys a call adds)."""
 
     pmap: PairMap
-    transient: ClassVar[tuple[str, ...]] = ("pending", "_moved")
 
     def query_scale(self, q_pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
         """``[B, q]`` multiplier of the queries (None: none); ``n [B]`` the real keys of each row in this call."""
@@ -79,9 +81,31 @@ class PairMapRuntime(RotaryRuntime):
             else:
                 keys[variant] = torch.empty_like(key)
                 rotate(key, 0, keys[variant])
-        out = pairmap_attention(query, key, value, q_pos, k_pos, inv_freq, self.pmap, scaling, key_valid=key_valid,
-                                q_scale=self.query_scale(q_pos, n), keys=keys)
+        q_scale = self.query_scale(q_pos, n)
+        out = None
+        if self.backend != "torch":
+            out = self._triton(query, key, value, call, inv_freq, scaling, keys, q_scale, kwargs.get("softcap"))
+        if out is None:
+            out = pairmap_attention(query, key, value, q_pos, k_pos, inv_freq, self.pmap, scaling,
+                                    key_valid=key_valid, q_scale=q_scale, keys=keys)
         return out.transpose(1, 2).contiguous(), None
+
+    def _triton(self, query, key, value, call, inv_freq, scaling, keys, q_scale, softcap):
+        """The Triton kernel's output, or ``None`` when this call goes to the torch path (see
+        :meth:`~longctx.patches.attention.RotaryRuntime.fell_back`)."""
+        from longctx.kernels import pairmap_triton as kernel
+
+        if self.backend == "auto" and query.device.type != "cuda":
+            return None
+        why = kernel.supports(query, key, value, inv_freq, self.pmap, softcap)
+        if why is None:
+            layout, why = self.triton_layout(call, (query.shape[0], query.shape[2], key.shape[2], query.device))
+            if layout is not None:
+                every = {v: keys.get(v, key) for v in set(self.pmap.variants)}  # identity variants: the keys
+                return kernel.pairmap_attention_triton(query, value, self.pmap, inv_freq, scaling, every, layout,
+                                                       q_scale=q_scale)
+        self.fell_back(why, type(self).__name__.removesuffix("Runtime"))
+        return None
 
 
 def decoder_rotary(model: nn.Module, method: str) -> tuple[Any, nn.Module, list]:
@@ -116,6 +140,11 @@ def install_pairmap(model: nn.Module, runtime: PairMapRuntime, undo: Undo, metho
     install_attention(model, runtime, undo, modules, method)
     for m in modules:
         undo.hook(m.register_forward_pre_hook(cache_layer_pre_hook, with_kwargs=True))
+
+
+def resolve_pairmap_backend(backend: str, model: nn.Module) -> tuple[str, str]:
+    """``(backend, note)`` for a pair-map method's ``attn_backend`` (see ``resolve_backend``)."""
+    return resolve_backend(backend, next(model.parameters()).device, KERNEL_NOTE)
 
 
 def trained(config: Any, override: int | None) -> int:

@@ -22,7 +22,9 @@ from torch import nn
 from longctx.core.pairmaps import ReRoPEMap, rerope_log_scale
 
 from .base import Applied, MethodConfig, Undo, param
-from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, trained
+from .attention import BACKENDS
+from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, resolve_pairmap_backend, \
+    trained
 from .registry import Method, register
 
 NAME = "rerope"
@@ -43,6 +45,8 @@ class ReRoPEConfig(MethodConfig):
     log_scale: bool = param(True, kind=bool, optional=False, doc="queries x max(1, ln(i+1)/ln L)")
     target_length: int | None = param(kind=int, ge=2, doc="the length wanted (recorded; no hard reach)")
     trained_length: int | None = param(kind=int, ge=2, doc="override the trained length read from the config")
+    attn_backend: str = param("auto", kind=str, choices=BACKENDS, optional=False,
+                              doc="the attention kernel (auto: Triton on CUDA, else torch)")
 
 
 class ReRoPERuntime(PairMapRuntime):
@@ -66,19 +70,22 @@ def apply(model: nn.Module, cfg: ReRoPEConfig, undo: Undo) -> Applied:
     if window >= L:
         raise ValueError(f"rerope: window={window} must be smaller than the trained length {L}")
     runtime = ReRoPERuntime(ReRoPEMap(window, cfg.leaky_factor), cfg.log_scale, L, rotary, layer_types)
+    backend, backend_note = resolve_pairmap_backend(cfg.attn_backend, model)
+    runtime.backend = backend
     install_pairmap(model, runtime, undo, NAME)
     target = cfg.target_length
     if target:
         config.max_position_embeddings = max(target, config.max_position_embeddings or 0)
-    params = {"window": window, "log_scale": cfg.log_scale}
+    params = {"window": window, "log_scale": cfg.log_scale, "attn_backend": backend}
     if cfg.leaky_factor is not None:
         params["leaky_factor"] = cfg.leaky_factor
     kind = f"Leaky ReRoPE (k = {cfg.leaky_factor:g})" if cfg.leaky_factor else "ReRoPE"
-    notes = [f"{kind}: relative positions capped at {window}"
+    notes = [backend_note, f"{kind}: relative positions capped at {window}"
              + (f"; queries x max(1, ln(i+1)/ln {L})" if cfg.log_scale else "")]
     return Applied(params=params, trained_length=L, target_length=target, factor=target / L if target else None,
                    layer_types=[lt for lt in layer_types if lt is not None] or None, notes=notes,
-                   reload={**params, "trained_length": L, "target_length": target})
+                   reload={**params, "attn_backend": cfg.attn_backend, "trained_length": L,
+                           "target_length": target})
 
 
 METHOD = register(Method(

@@ -16,8 +16,6 @@ ModernBERT's local layers) are left to plain attention: they never see a distanc
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,12 +28,14 @@ from longctx.kernels.selfextend_torch import grouped_keys, selfextend_attention
 from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
 
 from .attention import (
+    BACKENDS,
     CallPositions,
     RotaryRuntime,
     attention_modules,
     cache_layer_pre_hook,
     cached_rotated_keys,
     install_attention,
+    resolve_backend,
 )
 from .base import Applied, MethodConfig, Undo, param
 from .registry import Method, register
@@ -46,7 +46,6 @@ DESCRIPTION = (
     "SelfExtend: grouped attention — neighbours (distance < W) keep their positions, farther keys use positions "
     "floor-divided by G; an attention function, exact, O(n) memory."
 )
-BACKENDS = ("torch", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -85,17 +84,10 @@ class SelfExtendParams:
 class SelfExtendRuntime(RotaryRuntime):
     """SelfExtend on the extended full-attention layers, plain attention on the others."""
 
-    transient: ClassVar[tuple[str, ...]] = ("layout", "pending", "_moved")
-
     def __init__(self, params: SelfExtendParams, rotary: nn.Module, layer_types: list[str | None]) -> None:
         self.params = params
-        self.fallbacks: set[str] = set()  # why calls went to the torch path (warned once each)
+        self.backend = params.backend
         super().__init__(rotary, layer_types)
-
-    def fresh_transient(self) -> dict[str, Any]:
-        # and the Triton row layout of the last call (kept with the position_ids / mask it came from: every layer of
-        # one forward passes the same ones)
-        return {**super().fresh_transient(), "layout": None}
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         p = self.params
@@ -141,19 +133,7 @@ class SelfExtendRuntime(RotaryRuntime):
         why = kernel.supports(query, key, value, inv_freq, softcap)
         if why is None:
             q_len = query.shape[2]
-            shape = (query.shape[0], q_len, key.shape[2], query.device)
-            last = self.layout
-            sources = (call.position_ids, call.mask)
-            if last is not None and last[2] == shape and all(_same(r, x) for r, x in zip(last[:2], sources)):
-                layout = last[3]
-            else:
-                try:
-                    layout = kernel.row_layout(*call.positions, call.key_valid, q_len, key.shape[2])
-                except kernel.Unsupported as e:
-                    layout, why = None, str(e)
-                refs = [weakref.ref(x) if x is not None else None for x in sources]  # weak: a mask can be large
-                self.layout = (*refs, shape, layout, why)
-            why = self.layout[4]
+            layout, why = self.triton_layout(call, (query.shape[0], q_len, key.shape[2], query.device))
             if layout is not None:
                 grouped = None
                 if q_len > 16 and layer is not None:
@@ -168,32 +148,8 @@ class SelfExtendRuntime(RotaryRuntime):
                     query, key, value, None, None, inv_freq, p.group_size, p.window, scaling, causal=causal,
                     shift=p.shift, scale_base=p.scale_base, grouped_key=grouped, layout=layout,
                 )
-        if p.backend == "triton" and why not in self.fallbacks:
-            self.fallbacks.add(why)
-            warnings.warn(f"SelfExtend: this call runs on the torch path, not Triton: {why}", stacklevel=4)
+        self.fell_back(why, "SelfExtend")
         return None
-
-
-def _same(ref, obj) -> bool:
-    """``ref`` (a weak reference or None) still points at ``obj``."""
-    return obj is None if ref is None else ref() is obj
-
-
-def _check_backend(backend: str, device: torch.device) -> tuple[str, str]:
-    """(backend kept for the calls, the note saying what runs)."""
-    if backend == "torch":
-        return "torch", "backend=torch"
-    from longctx.kernels import selfextend_triton as kernel
-
-    if kernel.triton is None:
-        if backend == "triton":
-            raise ImportError("attn_backend='triton' needs the triton package (pip install 'longctx[triton]'); "
-                              "use attn_backend='torch' or 'auto'")
-        return "torch", "backend=torch (auto: triton is not installed)"
-    if backend == "auto" and device.type != "cuda":  # recorded as "torch": the same note as asking for it
-        return "torch", "backend=torch"
-    return backend, (f"backend={backend}: Triton kernel for fp16/bf16/fp32, head dims {kernel.HEAD_DIMS}, full "
-                     "rotary, contiguous positions, one padded side; the torch path for other calls")
 
 
 def apply(model: nn.Module, cfg: SelfExtendConfig, undo: Undo) -> Applied:
@@ -203,7 +159,11 @@ def apply(model: nn.Module, cfg: SelfExtendConfig, undo: Undo) -> Applied:
             f"{type(model).__name__} has no rotary position embeddings; SelfExtend regroups RoPE positions. For "
             "absolute-position encoders use the absolute-position methods ('grouped', 'recurrent', 'pi', 'pcw')."
         )
-    backend, backend_note = _check_backend(cfg.attn_backend, next(model.parameters()).device)
+    from longctx.kernels.selfextend_triton import HEAD_DIMS
+
+    backend, backend_note = resolve_backend(
+        cfg.attn_backend, next(model.parameters()).device,
+        f"Triton kernel for fp16/bf16/fp32, head dims {HEAD_DIMS}, full rotary, contiguous positions, one padded side")
     config = rotaries[0].config
     L = int(cfg.trained_length) if cfg.trained_length else trained_length(config)
     if cfg.target_length is not None and int(cfg.target_length) <= L:

@@ -98,6 +98,17 @@ VLM_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden
                  num_key_value_heads=2, max_position_embeddings=TRAINED, initializer_range=0.3)
 
 
+def kernel_llama(device: str = "cpu"):
+    """A tiny GQA Llama with a head dim the Triton kernels take (32; the battery's tiny models use 8)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TRAINED,
+                         initializer_range=0.3)
+    return LlamaForCausalLM(config).eval().to(device)
+
+
 def build_vlm(family: str):
     """A tiny vision-language model (llava, internvl, gemma3) from its config."""
     from transformers import AutoConfig, AutoModelForImageTextToText

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build
+from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build, kernel_llama
 from transformers import DynamicCache
 
 import longctx
@@ -53,7 +53,7 @@ def test_dca_prefill_equals_the_official_code(case, attn):
     model = _fixture_model(DCA, attn)
     t = _tensors(DCA / f"{case}.safetensors")
     info = longctx.patch(model, "dca", target_length=128)
-    assert info.params == {"chunk_size": 48, "local_window": 8, "mscale": True}
+    assert info.params == {"chunk_size": 48, "local_window": 8, "mscale": True, "attn_backend": "torch"}
     got = _logits(model, t["input_ids"])
     torch.testing.assert_close(got, t["logits_nocast"], atol=1e-4, rtol=0)
     assert (got - t["logits"]).abs().max() < 5e-2
@@ -240,3 +240,69 @@ def test_dca_export_writes_vllms_config_and_loads_back(tmp_path):
     longctx.unpatch(model)
     _patch(model, "leaky")
     torch.testing.assert_close(_logits(longctx.load(tmp_path / "leaky"), ids), _logits(model, ids), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Triton backend (on CPU the kernel runs in Triton's interpreter; on a CUDA machine compiled)
+# ---------------------------------------------------------------------------------------------------------------
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("variant", sorted(METHODS))
+def test_triton_backend_generates_what_the_torch_backend_does(variant):
+    """Left-padded prefill (per-row offsets), then q_len = 1 decoding with the cache and the kept rotated keys: the
+    same greedy tokens and logits as the PyTorch path, no call falling back."""
+    pytest.importorskip("triton")
+    import warnings
+
+    model = kernel_llama(DEVICE)
+    rows = [_ids(100, seed=1), _ids(70, seed=2)]  # beyond DCA's chunks (40) and the window (8), beyond L = 64
+    ids = torch.zeros(2, 100, dtype=torch.long)
+    mask = torch.zeros(2, 100, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 100 - row.shape[1]:], mask[b, 100 - row.shape[1]:] = row[0], 1
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = {}
+    for backend in ("torch", "triton"):
+        info = _patch(model, variant, attn_backend=backend)
+        assert info.params["attn_backend"] == backend and f"backend={backend}" in info.notes[0]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # no call of this model may fall back to the torch path
+            out[backend] = (model.generate(ids, attention_mask=mask, **kw),
+                            _logits(model, ids, attention_mask=mask, position_ids=positions))
+        longctx.unpatch(model)
+    assert torch.equal(out["triton"][0], out["torch"][0])
+    real = mask.bool()[:, :, None].expand_as(out["torch"][1])
+    torch.testing.assert_close(out["triton"][1][real], out["torch"][1][real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["dca-nomscale", "leaky"])
+def test_triton_chunked_prefill_and_cached_decode_equal_one_shot(variant):
+    """Chunks crossing DCA's chunk starts, then token-by-token decoding, on the kernel: the one-shot logits."""
+    pytest.importorskip("triton")
+    model = kernel_llama(DEVICE)
+    _patch(model, variant, attn_backend="triton")
+    ids = _ids(95, seed=3).to(DEVICE)
+    full = _logits(model, ids)
+    cache = DynamicCache(config=model.config)
+    parts = [_logits(model, ids[:, :30], past_key_values=cache, use_cache=True),
+             _logits(model, ids[:, 30:87], past_key_values=cache, use_cache=True)]
+    parts += [_logits(model, ids[:, p:p + 1], past_key_values=cache, use_cache=True) for p in range(87, 95)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_falls_back_with_a_warning_and_auto_stays_torch_on_cpu():
+    pytest.importorskip("triton")
+    model = build("llama").to(DEVICE)  # head dim 8: not a kernel shape
+    ids = _ids(80).to(DEVICE)
+    _patch(model, "dca", attn_backend="triton")
+    with pytest.warns(UserWarning, match="DCA: this call runs on the torch path, not Triton: head dim 8"):
+        patched = _logits(model, ids)
+    longctx.unpatch(model)
+    _patch(model, "dca", attn_backend="torch")
+    torch.testing.assert_close(_logits(model, ids), patched)
+    longctx.unpatch(model)
+    info = _patch(model.cpu(), "rerope")  # "auto" is the default
+    assert info.params["attn_backend"] == "torch" and info.notes[0] == "backend=torch"

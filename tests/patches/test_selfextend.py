@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build
+from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build, kernel_llama
 from transformers import DynamicCache
 
 import longctx
@@ -223,14 +223,7 @@ def test_cache_edits_recompute_the_grouped_keys():
 
 
 def _gqa_llama():
-    """A tiny GQA Llama with a head dim the Triton kernel takes (32; the battery's tiny models use 8)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TRAINED,
-                         initializer_range=0.3)
-    return LlamaForCausalLM(config).eval().to(DEVICE)
+    return kernel_llama(DEVICE)
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernel runs in Triton's interpreter
