@@ -107,21 +107,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QSCALE: tl.constexpr, SPLIT: tl.constexpr,
         FP32: tl.constexpr,
     ):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest row blocks first
-        pid_bh = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        splits = tl.num_programs(2)
-        b = pid_bh // hkv
-        kvh = pid_bh % hkv
-        pos_off = tl.load(POS_OFF + b)
-        kv_lo = tl.load(KV_LO + b)
-        kv_hi = tl.load(KV_HI + b)
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = query t · REP + head within the group
-        row_ok = rows < q_len * REP
-        t = rows // REP
-        head = kvh * REP + rows % REP
-        i_slot = t + (kv_len - q_len)
+        b, kvh, pid_s, pos_off, kv_lo, kv_hi, row_ok, t, head, i_slot = _se._program_rows(
+            POS_OFF, KV_LO, KV_HI, hkv, q_len, kv_len, REP, BLOCK_M)
         live = row_ok & (i_slot >= kv_lo)  # real queries (a left-padded row's padding is not)
         pos = tl.maximum(i_slot + pos_off, 0)
         offs_h = tl.arange(0, HALF_P)
@@ -194,16 +181,8 @@ if triton is not None:
                     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
                 m_i = m_new
 
-        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / safe_l[:, None]
-        if SPLIT:  # partial output and its log2-sum-exp, merged by the SelfExtend kernel's _merge_splits
-            ws = ((b * hkv * REP + head) * q_len + t) * splits + pid_s
-            tl.store(O_WS + ws[:, None] * DV_P + offs_v[None, :], out, mask=row_ok[:, None])
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
-            tl.store(LSE_WS + ws, lse, mask=row_ok)
-        else:
-            o_ptr = OUT + b * sob + head[:, None] * soh + t[:, None] * som + offs_v[None, :]
-            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & vmask[None, :])
+        _se._store_rows(acc, m_i, l_i, OUT, O_WS, LSE_WS, b, head, t, row_ok, pid_s, hkv, q_len, sob, soh, som,
+                        REP, DV, DV_P, SPLIT)
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per shape class, chosen from what the compiler makes of them for sm_90

@@ -311,6 +311,39 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
+    def _program_rows(POS_OFF, KV_LO, KV_HI, hkv, q_len, kv_len, REP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """What a program of the attention kernels works on: ``(batch, KV head, KV split, the row's position offset,
+        its valid key range lo / hi, which rows are real, their query slot index t, head, and key slot i)``. Rows
+        are the (query, head) pairs of one KV head, query-major. Row blocks run last to first: causal blocks further
+        down see more keys, so the heaviest are dispatched first and the grid's last wave is light (the blocks of
+        one KV head still run together and share its K / V in L2)."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // hkv
+        kvh = pid_bh % hkv
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = query t · REP + head within the group
+        t = rows // REP
+        return (b, kvh, tl.program_id(2), tl.load(POS_OFF + b), tl.load(KV_LO + b), tl.load(KV_HI + b),
+                rows < q_len * REP, t, kvh * REP + rows % REP, t + (kv_len - q_len))
+
+    @triton.jit
+    def _store_rows(acc, m_i, l_i, OUT, O_WS, LSE_WS, b, head, t, row_ok, pid_s, hkv, q_len, sob, soh, som,
+                    REP: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr, SPLIT: tl.constexpr):
+        """The rows' normalised output to ``OUT``, or (split KV) the partial output and its log2-sum-exp to the
+        workspaces, merged by :func:`_merge_splits`."""
+        offs_v = tl.arange(0, DV_P)
+        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / safe_l[:, None]
+        if SPLIT:
+            ws = ((b * hkv * REP + head) * q_len + t) * tl.num_programs(2) + pid_s
+            tl.store(O_WS + ws[:, None] * DV_P + offs_v[None, :], out, mask=row_ok[:, None])
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
+            tl.store(LSE_WS + ws, lse, mask=row_ok)
+        else:
+            o_ptr = OUT + b * sob + head[:, None] * soh + t[:, None] * som + offs_v[None, :]
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_v < DV)[None, :])
+
+    @triton.jit
     def _selfextend_fwd(
         Q, K, V, KG, FREQ, POS_OFF, KV_LO, KV_HI, OUT, O_WS, LSE_WS,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, sob, soh, som,
@@ -320,23 +353,8 @@ if triton is not None:
         LOG_SCALE: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, FAST_TRIG: tl.constexpr,
         WHOLE: tl.constexpr,
     ):
-        # row blocks last to first: causal blocks further down see more keys, so the heaviest are dispatched first
-        # and the grid's last wave is light (the blocks of one KV head still run together and share its K / V in L2)
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        splits = tl.num_programs(2)
-        b = pid_bh // hkv
-        kvh = pid_bh % hkv
-        pos_off = tl.load(POS_OFF + b)
-        kv_lo = tl.load(KV_LO + b)
-        kv_hi = tl.load(KV_HI + b)
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = query t · REP + head within the group
-        row_ok = rows < q_len * REP
-        t = rows // REP
-        head = kvh * REP + rows % REP
-        i_slot = t + (kv_len - q_len)
+        b, kvh, pid_s, pos_off, kv_lo, kv_hi, row_ok, t, head, i_slot = _program_rows(
+            POS_OFF, KV_LO, KV_HI, hkv, q_len, kv_len, REP, BLOCK_M)
         offs_h = tl.arange(0, HALF_P)
         hmask = offs_h < HALF
         qmask = row_ok[:, None] & hmask[None, :]
@@ -408,18 +426,8 @@ if triton is not None:
                                    k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                                    2, CAUSAL, PRE_KG, HALF, HALF_P, DV_P, DV, BLOCK_N, FP32, FAST_TRIG, WHOLE)
 
-        offs_v = tl.arange(0, DV_P)
-        vmask = offs_v < DV
-        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / safe_l[:, None]
-        if SPLIT:  # partial output and its log2-sum-exp, merged by _merge_splits
-            ws = ((b * hkv * REP + head) * q_len + t) * splits + pid_s
-            tl.store(O_WS + ws[:, None] * DV_P + offs_v[None, :], out, mask=row_ok[:, None])
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
-            tl.store(LSE_WS + ws, lse, mask=row_ok)
-        else:
-            o_ptr = OUT + b * sob + head[:, None] * soh + t[:, None] * som + offs_v[None, :]
-            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & vmask[None, :])
+        _store_rows(acc, m_i, l_i, OUT, O_WS, LSE_WS, b, head, t, row_ok, pid_s, hkv, q_len, sob, soh, som,
+                    REP, DV, DV_P, SPLIT)
 
     @triton.jit
     def _merge_splits(O_WS, LSE_WS, OUT, sob, soh, som, heads, q_len, splits,
