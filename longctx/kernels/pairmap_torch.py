@@ -27,11 +27,10 @@ import torch
 from longctx.core.pairmaps import PairMap
 from longctx.core.rope import apply_rotation, rotate_by_angles
 
+from .lse import attend, merge
+
 __all__ = ["pairmap_attention", "pairmap_attention_blocked", "pairmap_attention_intervals", "pairmap_attention_naive",
            "rotate_delta", "variant_keys", "uniform_offset"]
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
 
 def rotate_delta(x: torch.Tensor, pos_from: torch.Tensor, pos_to: torch.Tensor, inv_freq: torch.Tensor
                  ) -> torch.Tensor:
@@ -97,21 +96,6 @@ def pairmap_attention(
                                            block_size=block_size)
     return pairmap_attention_blocked(query, value, q_pos, k_pos, inv_freq, pmap, scaling, keys,
                                      key_valid=key_valid, block_size=block_size)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(q·kᵀ·scaling + mask)·v`` and its log-sum-exp (fp32) for GQA-folded rows ``q [B, Hkv, rows, D]``;
-    ``mask``: additive ``[1, 1, rows, keys]`` in ``q.dtype`` (0 / −inf). CPU: one flash-attention call, no score
-    map; elsewhere explicit fp32 scores."""
-    if q.device.type == "cpu" and _FLASH_CPU is not None and q.dtype == k.dtype == v.dtype:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scaling)
-        return out.float(), lse.float()
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    if mask is not None:
-        scores = scores + mask.float()
-    lse = torch.logsumexp(scores, -1)
-    return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v.float(), lse
 
 
 @dataclass
@@ -218,19 +202,13 @@ def pairmap_attention_intervals(
         parts = []
         for call in blk.calls:
             k_b = keys[pmap.variants[call.b]]
-            o, lse = _attend(rotated[call.b], k_b[:, :, call.ks:call.ke], value[:, :, call.ks:call.ke], call.mask,
+            o, lse = attend(rotated[call.b], k_b[:, :, call.ks:call.ke], value[:, :, call.ks:call.ke], call.mask,
                              scaling)
             if call.empty is not None:  # rows without a key here carry no weight
                 lse = lse.masked_fill(call.empty, float("-inf"))
                 o = o.nan_to_num(0.0)
             parts.append((o, lse))
-        if len(parts) == 1:
-            merged = parts[0][0]
-        else:
-            lses = torch.stack([lse for _, lse in parts])
-            weights = torch.exp(lses - lses.max(0).values)
-            merged = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
-        out[:, :, qs:qe] = merged.view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
+        out[:, :, qs:qe] = merge(parts).view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
     return out
 
 

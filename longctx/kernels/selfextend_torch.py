@@ -16,6 +16,8 @@ import torch
 from longctx.core.positions import selfextend_key_positions, selfextend_query_positions, selfextend_shift
 from longctx.core.rope import apply_rotation, rotate_by_angles, rotation_tables
 
+from .lse import attend, merge, native_lse
+
 __all__ = [
     "selfextend_attention",
     "selfextend_attention_blocked",
@@ -121,7 +123,7 @@ def selfextend_attention(
     same_dims = value.shape[-1] == query.shape[-1]
     if contiguous and not softcap and same_dims:
         unpadded = key_valid is None or bool(key_valid.all())
-        if unpadded and (small_q or _native_lse(query)):
+        if unpadded and (small_q or native_lse(query)):
             return selfextend_attention_lse(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
                                             **kwargs)
         if not small_q:
@@ -130,28 +132,6 @@ def selfextend_attention(
     return selfextend_attention_blocked(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
                                         causal=causal, key_valid=key_valid, softcap=softcap, contiguous=contiguous,
                                         **kwargs)
-
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _native_lse(query: torch.Tensor) -> bool:
-    """An attention op that returns its log-sum-exp is available for this device (CPU: aten's flash kernel)."""
-    return query.device.type == "cpu" and _FLASH_CPU is not None
-
-
-def _attend(q, k, v, mask, scaling):
-    """``softmax(q·kᵀ·scaling + mask)·v`` and its log-sum-exp (fp32) for GQA-folded rows ``q [B, Hkv, rows, D]``.
-
-    On CPU one flash-attention call (no score map); elsewhere explicit fp32 scores (used for short query blocks)."""
-    if _native_lse(q) and q.dtype == k.dtype == v.dtype:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scaling)
-        return out.float(), lse.float()
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    if mask is not None:
-        scores = scores + mask.float()
-    lse = torch.logsumexp(scores, -1)
-    return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v.float(), lse
 
 
 class _MaskCache:
@@ -225,24 +205,18 @@ def selfextend_attention_lse(
         g_end = max(a, last - window + 1)  # keys a … g_end − 1: grouped for some queries
         parts = []
         if a > 0:
-            parts.append(_attend(rows(q_left, qs, qe), grouped_key[:, :, :a], value[:, :, :a], None, scaling))
+            parts.append(attend(rows(q_left, qs, qe), grouped_key[:, :, :a], value[:, :, :a], None, scaling))
         for grouped, end in ((True, g_end), (False, last + 1)):
             if end <= a:
                 continue
             mask, empty = _MASKS.get(grouped, first - a, qe - qs, end - a, window, rep, query.dtype, query.device)
             q_rows = rows(q_left if grouped else query, qs, qe)
             k_range = (grouped_key if grouped else key)[:, :, a:end]
-            o, lse = _attend(q_rows, k_range, value[:, :, a:end], mask, scaling)
+            o, lse = attend(q_rows, k_range, value[:, :, a:end], mask, scaling)
             if empty is not None:  # rows with no allowed key in this range carry no weight
                 lse = lse.masked_fill(empty, float("-inf"))
             parts.append((o, lse))
-        if len(parts) == 1:
-            merged = parts[0][0]
-        else:
-            lses = torch.stack([lse for _, lse in parts])
-            weights = torch.exp(lses - lses.max(0).values)
-            merged = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
-        out[:, :, qs:qe] = merged.view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
+        out[:, :, qs:qe] = merge(parts).view(batch, hkv, rep, qe - qs, dim).reshape(batch, hq, qe - qs, dim).to(out.dtype)
     return out
 
 

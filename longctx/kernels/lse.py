@@ -1,0 +1,42 @@
+"""Attention over key ranges merged exactly by log-sum-exp (floor 2): what the PyTorch paths of SelfExtend and of the
+per-pair position maps share. Each query block attends to a few key ranges in separate calls (unmasked where every
+row sees every key) and the partial outputs are merged through their log-sum-exps — causal attention's work, no
+score map on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["native_lse", "attend", "merge"]
+
+# CPU's flash attention returns its log-sum-exp (the public SDPA does not)
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def native_lse(query: torch.Tensor) -> bool:
+    """A fused attention op returning its log-sum-exp exists for ``query``'s device (CPU)."""
+    return query.device.type == "cpu" and FLASH_CPU is not None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q·kᵀ·scaling + mask)·v`` and its log-sum-exp (fp32) for GQA-folded rows ``q [B, Hkv, rows, D]``;
+    ``mask``: additive ``[1, 1, rows, keys]`` in ``q.dtype`` (0 / −inf). On CPU one flash-attention call (no score
+    map); elsewhere explicit fp32 scores."""
+    if native_lse(q) and q.dtype == k.dtype == v.dtype:
+        out, lse = FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scaling)
+        return out.float(), lse.float()
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = torch.logsumexp(scores, -1)
+    return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v.float(), lse
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The exact softmax over the union of the parts' keys, from each part's ``(output, log-sum-exp)`` (fp32)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])
+    weights = torch.exp(lses - lses.max(0).values)
+    return sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / weights.sum(0)[..., None]
