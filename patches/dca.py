@@ -25,10 +25,8 @@ from torch import nn
 
 from longctx.core.pairmaps import DCAMap, dca_geometry, dca_mscale
 
-from .base import Applied, MethodConfig, Undo, param
-from .attention import BACKENDS
-from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, resolve_pairmap_backend, \
-    trained
+from .base import Applied, Undo, param
+from .pairmap import PairMapConfig, PairMapRuntime, decoder, install_pairmap
 from .registry import Method, register
 
 NAME = "dca"
@@ -37,7 +35,7 @@ DESCRIPTION = ("Dual Chunk Attention: positions within chunks of s - w, queries 
 
 
 @dataclass(frozen=True)
-class DCAConfig(MethodConfig):
+class DCAConfig(PairMapConfig):
     """Dual Chunk Attention. ``chunk_size`` s (default ¾ of the trained length L), ``local_window`` w (default
     L/8); ``mscale``: the official ``0.05·ln(n/L) + 1`` on cos and sin once n > L; ``target_length``: the length you
     want (recorded, raises ``max_position_embeddings``: DCA has no hard reach)."""
@@ -46,10 +44,6 @@ class DCAConfig(MethodConfig):
     chunk_size: int | None = param(kind=int, ge=2, doc="s: the chunk size (default 3/4 of the trained length)")
     local_window: int | None = param(kind=int, ge=1, doc="w: the local window (default 1/8 of the trained length)")
     mscale: bool = param(True, kind=bool, optional=False, doc="0.05 ln(n/L) + 1 on cos and sin once n > L")
-    target_length: int | None = param(kind=int, ge=2, doc="the length wanted (recorded; DCA has no hard reach)")
-    trained_length: int | None = param(kind=int, ge=2, doc="override the trained length read from the config")
-    attn_backend: str = param("auto", kind=str, choices=BACKENDS, optional=False,
-                              doc="the attention kernel (auto: Triton on CUDA, else torch)")
 
 
 class DCARuntime(PairMapRuntime):
@@ -72,26 +66,14 @@ class DCARuntime(PairMapRuntime):
 
 
 def apply(model: nn.Module, cfg: DCAConfig, undo: Undo) -> Applied:
-    config, rotary, layer_types = decoder_rotary(model, NAME)
-    L = trained(config, cfg.trained_length)
-    if cfg.target_length is not None and cfg.target_length <= L:
-        raise ValueError(f"dca: target_length={cfg.target_length} is not longer than the trained length {L}")
+    found = decoder(model, cfg)
+    L = found.trained_length
     s, w, c = dca_geometry(L, cfg.chunk_size, cfg.local_window)
-    runtime = DCARuntime(DCAMap(s, w), cfg.mscale, L, rotary, layer_types)
-    backend, backend_note = resolve_pairmap_backend(cfg.attn_backend, model)
-    runtime.backend = backend
-    install_pairmap(model, runtime, undo, NAME)
-    target = cfg.target_length
-    if target:
-        config.max_position_embeddings = max(target, config.max_position_embeddings or 0)
-    params = {"chunk_size": s, "local_window": w, "mscale": cfg.mscale, "attn_backend": backend}
-    notes = [backend_note, f"chunks of {c} positions (chunk size {s}, local window {w}); relative positions at "
-             f"most {s} of {L}"
-             + ("; mscale 0.05 ln(n/L) + 1 once n > L" if cfg.mscale else "")]
-    return Applied(params=params, trained_length=L, target_length=target, factor=target / L if target else None,
-                   layer_types=[lt for lt in layer_types if lt is not None] or None, notes=notes,
-                   reload={**params, "attn_backend": cfg.attn_backend, "trained_length": L,
-                           "target_length": target})
+    runtime = DCARuntime(DCAMap(s, w), cfg.mscale, L, found.rotary, found.layer_types)
+    note = (f"chunks of {c} positions (chunk size {s}, local window {w}); relative positions at most {s} of {L}"
+            + ("; mscale 0.05 ln(n/L) + 1 once n > L" if cfg.mscale else ""))
+    return install_pairmap(model, runtime, undo, cfg, found,
+                           {"chunk_size": s, "local_window": w, "mscale": cfg.mscale}, note)
 
 
 def vllm_config(params: dict[str, Any]) -> dict[str, Any]:

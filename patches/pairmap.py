@@ -11,6 +11,7 @@ only: the methods are defined for causal attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,15 +22,26 @@ from longctx.core.pairmaps import PairMap
 from longctx.kernels.pairmap_torch import pairmap_attention, variant_keys
 from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
 
-from .attention import CallPositions, RotaryRuntime, attention_modules, cache_layer_pre_hook, cached_rotated_keys, \
-    install_attention, resolve_backend
-from .base import Undo
+from .attention import BACKENDS, CallPositions, RotaryRuntime, attention_modules, cache_layer_pre_hook, \
+    cached_rotated_keys, install_attention, resolve_backend
+from .base import Applied, MethodConfig, Undo, param
 from .rope_common import guard_rotary
 
-__all__ = ["PairMapRuntime", "install_pairmap", "decoder_rotary", "resolve_pairmap_backend", "trained"]
+__all__ = ["PairMapConfig", "PairMapRuntime", "Decoder", "decoder", "install_pairmap", "decoder_rotary"]
 
 KERNEL_NOTE = ("Triton pair-map kernel for fp16/bf16/fp32, head dims 16-256, full rotary, contiguous positions, "
                "left padding")
+
+
+@dataclass(frozen=True)
+class PairMapConfig(MethodConfig):
+    """What every pair-map method takes besides its own geometry: the length wanted (recorded, raises
+    ``max_position_embeddings``: these methods have no hard reach), the trained length override, the kernel."""
+
+    target_length: int | None = param(kind=int, ge=2, doc="the length wanted (recorded; no hard reach)")
+    trained_length: int | None = param(kind=int, ge=2, doc="override the trained length read from the config")
+    attn_backend: str = param("auto", kind=str, choices=BACKENDS, optional=False,
+                              doc="the attention kernel (auto: Triton on CUDA, else torch)")
 
 
 class PairMapRuntime(RotaryRuntime):
@@ -129,23 +141,44 @@ def decoder_rotary(model: nn.Module, method: str) -> tuple[Any, nn.Module, list]
     return config, rotary, extendable_layer_types(config) or [None]
 
 
-def install_pairmap(model: nn.Module, runtime: PairMapRuntime, undo: Undo, method: str) -> None:
-    """Attach ``runtime`` to the model's attention, with the cache pre-hooks and the rotary modules' fp32 guard
-    (every check has run before: :func:`decoder_rotary`)."""
+@dataclass
+class Decoder:
+    """What a pair-map method's apply reads from the model before it changes anything."""
+
+    config: Any
+    rotary: nn.Module
+    layer_types: list
+    trained_length: int
+
+
+def decoder(model: nn.Module, cfg: PairMapConfig) -> Decoder:
+    """The model's rotary config, module, extended layer types and trained length, every check on them and on
+    ``target_length`` run (nothing changed yet)."""
+    config, rotary, layer_types = decoder_rotary(model, cfg.method)
+    L = int(cfg.trained_length) if cfg.trained_length else trained_length(config)
+    if cfg.target_length is not None and cfg.target_length <= L:
+        raise ValueError(f"{cfg.method}: target_length={cfg.target_length} is not longer than the trained length {L}")
+    return Decoder(config, rotary, layer_types, L)
+
+
+def install_pairmap(model: nn.Module, runtime: PairMapRuntime, undo: Undo, cfg: PairMapConfig, found: Decoder,
+                    params: dict[str, Any], note: str) -> Applied:
+    """Attach ``runtime`` (with the backend ``cfg.attn_backend`` resolves to) to the model's attention, with the cache
+    pre-hooks and the rotary modules' fp32 guard, raise ``max_position_embeddings`` to the target; what was applied
+    (``params``: the method's resolved geometry; ``note``: its one-line description)."""
+    backend, backend_note = resolve_backend(cfg.attn_backend, next(model.parameters()).device, KERNEL_NOTE)
+    runtime.backend = backend
     rotaries = find_rotary_modules(model)
-    config = rotaries[0].config
     for r in rotaries:
         guard_rotary(r.module, undo)
-    modules = attention_modules(model, [config])
-    install_attention(model, runtime, undo, modules, method)
+    modules = attention_modules(model, [found.config])
+    install_attention(model, runtime, undo, modules, cfg.method)
     for m in modules:
         undo.hook(m.register_forward_pre_hook(cache_layer_pre_hook, with_kwargs=True))
-
-
-def resolve_pairmap_backend(backend: str, model: nn.Module) -> tuple[str, str]:
-    """``(backend, note)`` for a pair-map method's ``attn_backend`` (see ``resolve_backend``)."""
-    return resolve_backend(backend, next(model.parameters()).device, KERNEL_NOTE)
-
-
-def trained(config: Any, override: int | None) -> int:
-    return int(override) if override else trained_length(config)
+    target, L = cfg.target_length, found.trained_length
+    if target:
+        found.config.max_position_embeddings = max(target, found.config.max_position_embeddings or 0)
+    params = {**params, "attn_backend": backend}
+    return Applied(params=params, trained_length=L, target_length=target, factor=target / L if target else None,
+                   layer_types=[lt for lt in found.layer_types if lt is not None] or None, notes=[backend_note, note],
+                   reload={**params, "attn_backend": cfg.attn_backend, "trained_length": L, "target_length": target})

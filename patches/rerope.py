@@ -21,10 +21,8 @@ from torch import nn
 
 from longctx.core.pairmaps import ReRoPEMap, rerope_log_scale
 
-from .base import Applied, MethodConfig, Undo, param
-from .attention import BACKENDS
-from .pairmap import PairMapRuntime, decoder_rotary, install_pairmap, resolve_pairmap_backend, \
-    trained
+from .base import Applied, Undo, param
+from .pairmap import PairMapConfig, PairMapRuntime, decoder, install_pairmap
 from .registry import Method, register
 
 NAME = "rerope"
@@ -33,7 +31,7 @@ DESCRIPTION = ("ReRoPE: relative positions capped at the window w (leaky_factor 
 
 
 @dataclass(frozen=True)
-class ReRoPEConfig(MethodConfig):
+class ReRoPEConfig(PairMapConfig):
     """ReRoPE. ``window`` w (default L/8: 512 for a 4096 model, the official value); ``leaky_factor`` k (Leaky
     ReRoPE; the official value is 16; None: ReRoPE); ``log_scale``: queries × max(1, ln(i+1)/ln L) (the official
     scaling, on by default); ``target_length``: the length you want (recorded, raises ``max_position_embeddings``:
@@ -43,10 +41,6 @@ class ReRoPEConfig(MethodConfig):
     window: int | None = param(kind=int, ge=1, doc="w: relative positions are capped here (default 1/8 of L)")
     leaky_factor: float | None = param(kind=float, gt=1, doc="k: Leaky ReRoPE, beyond w positions grow by 1/k")
     log_scale: bool = param(True, kind=bool, optional=False, doc="queries x max(1, ln(i+1)/ln L)")
-    target_length: int | None = param(kind=int, ge=2, doc="the length wanted (recorded; no hard reach)")
-    trained_length: int | None = param(kind=int, ge=2, doc="override the trained length read from the config")
-    attn_backend: str = param("auto", kind=str, choices=BACKENDS, optional=False,
-                              doc="the attention kernel (auto: Triton on CUDA, else torch)")
 
 
 class ReRoPERuntime(PairMapRuntime):
@@ -62,30 +56,19 @@ class ReRoPERuntime(PairMapRuntime):
 
 
 def apply(model: nn.Module, cfg: ReRoPEConfig, undo: Undo) -> Applied:
-    config, rotary, layer_types = decoder_rotary(model, NAME)
-    L = trained(config, cfg.trained_length)
-    if cfg.target_length is not None and cfg.target_length <= L:
-        raise ValueError(f"rerope: target_length={cfg.target_length} is not longer than the trained length {L}")
+    found = decoder(model, cfg)
+    L = found.trained_length
     window = int(cfg.window) if cfg.window is not None else max(1, L // 8)
     if window >= L:
         raise ValueError(f"rerope: window={window} must be smaller than the trained length {L}")
-    runtime = ReRoPERuntime(ReRoPEMap(window, cfg.leaky_factor), cfg.log_scale, L, rotary, layer_types)
-    backend, backend_note = resolve_pairmap_backend(cfg.attn_backend, model)
-    runtime.backend = backend
-    install_pairmap(model, runtime, undo, NAME)
-    target = cfg.target_length
-    if target:
-        config.max_position_embeddings = max(target, config.max_position_embeddings or 0)
-    params = {"window": window, "log_scale": cfg.log_scale, "attn_backend": backend}
+    runtime = ReRoPERuntime(ReRoPEMap(window, cfg.leaky_factor), cfg.log_scale, L, found.rotary, found.layer_types)
+    params = {"window": window, "log_scale": cfg.log_scale}
     if cfg.leaky_factor is not None:
         params["leaky_factor"] = cfg.leaky_factor
     kind = f"Leaky ReRoPE (k = {cfg.leaky_factor:g})" if cfg.leaky_factor else "ReRoPE"
-    notes = [backend_note, f"{kind}: relative positions capped at {window}"
-             + (f"; queries x max(1, ln(i+1)/ln {L})" if cfg.log_scale else "")]
-    return Applied(params=params, trained_length=L, target_length=target, factor=target / L if target else None,
-                   layer_types=[lt for lt in layer_types if lt is not None] or None, notes=notes,
-                   reload={**params, "attn_backend": cfg.attn_backend, "trained_length": L,
-                           "target_length": target})
+    note = f"{kind}: relative positions capped at {window}" + (
+        f"; queries x max(1, ln(i+1)/ln {L})" if cfg.log_scale else "")
+    return install_pairmap(model, runtime, undo, cfg, found, params, note)
 
 
 METHOD = register(Method(

@@ -17,9 +17,8 @@ ModernBERT's local layers) are left to plain attention: they never see a distanc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
