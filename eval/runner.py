@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BASELINES", "Cell", "ResultsLog", "sweep", "params_key"]
+__all__ = ["BASELINES", "Cell", "ResultsLog", "InvalidSweep", "sweep", "params_key"]
 
 BASELINES = ("vanilla", "truncate")  # the model as it is (a decoder as is; an embedding model cut at its limit)
+
+
+class InvalidSweep(ValueError):
+    """A cell of a sweep cannot be patched (a parameter the model does not allow): raised by :func:`sweep` before any
+    cell runs, with the method's own message."""
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -102,35 +107,51 @@ def sweep(
     embedding model's length cap). ``method_params``: extra parameters per method; ``trained_length`` overrides the
     config's. ``log``: rows of an earlier run for a cell (same method, parameters, length and ``match``) are handed to
     ``run`` as ``cell.previous`` and returned with the new ones; new rows are appended as they come.
+
+    Every patch of the sweep is tried on the model (and undone) before the first cell runs: a parameter the model does
+    not allow raises :class:`InvalidSweep` before any work.
     """
     import longctx
 
     method_params = method_params or {}
-    rows: list[dict] = []
+    plan = []  # (method, length it is patched to, the lengths evaluated there, its parameters; None: a baseline)
     for method in methods:
         groups = [(n, [n]) for n in lengths] if target == "each" else [(target, list(lengths))]
         for patch_to, group in groups:
             if method in BASELINES:
-                scope = baseline(method) if baseline is not None else contextlib.nullcontext()
-            else:
-                if target == "each" and skip_within is not None and patch_to is not None and patch_to <= skip_within:
-                    continue
-                params = {"target_length": patch_to, **method_params.get(method, {})}
-                if trained_length is not None:
-                    params.setdefault("trained_length", trained_length)
-                scope = longctx.patched(model, method, tokenizer=tokenizer, **params)
-            with scope as info:
-                info = info if method not in BASELINES else None
-                for n in group:
-                    params = info.params if info is not None else {}
-                    previous = log.previous(method, params, n, **(match or {})) if log is not None else ()
-                    rows.extend(previous)
-                    for row in run(Cell(method, n, info, previous)):
-                        tagged = {"method": method, "length": n, **row, "params": params_key(params)}
-                        if match:
-                            tagged.update(match)
-                        rows.append(tagged)
-                        if log is not None:
-                            log.append(tagged)
+                plan.append((method, group, None))
+                continue
+            if target == "each" and skip_within is not None and patch_to is not None and patch_to <= skip_within:
+                continue
+            params = {"target_length": patch_to, **method_params.get(method, {})}
+            if trained_length is not None:
+                params.setdefault("trained_length", trained_length)
+            plan.append((method, group, params))
+    for method, _, params in plan:  # every patch checked on the model before any cell runs (patched, unpatched)
+        if params is not None:
+            try:
+                with longctx.patched(model, method, tokenizer=tokenizer, **params):
+                    pass
+            except ValueError as e:
+                raise InvalidSweep(str(e)) from e
+    rows: list[dict] = []
+    for method, group, params in plan:
+        if params is None:
+            scope = baseline(method) if baseline is not None else contextlib.nullcontext()
+        else:
+            scope = longctx.patched(model, method, tokenizer=tokenizer, **params)
+        with scope as info:
+            info = info if params is not None else None
+            for n in group:
+                resolved = info.params if info is not None else {}
+                previous = log.previous(method, resolved, n, **(match or {})) if log is not None else ()
+                rows.extend(previous)
+                for row in run(Cell(method, n, info, previous)):
+                    tagged = {"method": method, "length": n, **row, "params": params_key(resolved)}
+                    if match:
+                        tagged.update(match)
+                    rows.append(tagged)
+                    if log is not None:
+                        log.append(tagged)
     return rows
 

@@ -27,7 +27,8 @@ def _click_errors() -> tuple[type, type | None]:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: ``app`` with click's usage errors (an unknown option, an option value of the wrong type,
-    a missing argument) turned into one line on stderr and exit code 2, like longctx's own checks."""
+    a missing argument) and a sweep's patch the model does not allow (``InvalidSweep``, found before any cell runs)
+    turned into one line on stderr and exit code 2, like longctx's own checks."""
     usage_error, no_args = _click_errors()
     try:
         code = app(args=argv, prog_name="longctx", standalone_mode=False)
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("longctx: interrupted", file=sys.stderr)
         sys.exit(130)
+    except ValueError as e:  # a sweep's patch the model does not allow: found before any cell ran
+        from longctx.eval.runner import InvalidSweep
+
+        if not isinstance(e, InvalidSweep):
+            raise
+        print(f"longctx: error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -72,9 +72,9 @@ def dca_geometry(trained_length: int, chunk_size: int | None = None, local_windo
     s = int(chunk_size) if chunk_size is not None else L * 3 // 4
     w = int(local_window) if local_window is not None else L // 8
     if w < 1 or s <= w:
-        raise ValueError(f"dca needs 1 <= local_window < chunk_size, got chunk_size={s}, local_window={w}")
+        raise ValueError(f"dca: needs 1 <= local_window < chunk_size, got chunk_size={s}, local_window={w}")
     if s > L:
-        raise ValueError(f"dca chunk_size={s} is longer than the trained length {L}: positions would exceed it")
+        raise ValueError(f"dca: chunk_size={s} is longer than the trained length {L}: positions would exceed it")
     return s, w, s - w
 
 

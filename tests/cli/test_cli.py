@@ -93,3 +93,23 @@ def test_param_for_a_method_not_evaluated_is_an_error(stories_path):
     explicit = runner.invoke(app, ["eval", "ppl", "--model", str(stories_path), "--compare", "vanilla,yarn",
                                    "--param", "pi.factor=2"])
     assert explicit.exit_code == 2 and "'pi' is not evaluated" in explicit.output
+
+
+@pytest.mark.parametrize("command", [["eval", "ppl", "--lengths", "1024"], ["eval", "passkey", "--lengths", "1024"]])
+def test_a_parameter_the_model_does_not_allow_fails_before_any_cell(stories_path, tmp_path, capsys, command):
+    """rerope's window must be below the trained length (512): known only once the model is read, refused by the
+    sweep's check of every patch before the first cell (vanilla, here) runs — one line, exit code 2."""
+    from longctx.cli import main
+
+    text = stories_path.parents[1] / "data" / "tinystories" / "tinystories_valid_subset.txt"
+    extra = ["--text", str(text)] if command[1] == "ppl" else []
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--model", str(stories_path), *extra, "--compare", "vanilla,rerope", "--param",
+              "rerope.window=4096", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' weight-loading bar
+    assert err == "longctx: error: rerope: window=4096 must be smaller than the trained length 512"
+    assert not (out / "results.json").exists()
+    trials = out / "trials.jsonl"  # passkey's resumable log: no trial ran
+    assert not trials.exists() or trials.read_text() == ""
