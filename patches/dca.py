@@ -59,10 +59,16 @@ class DCARuntime(PairMapRuntime):
     def query_scale(self, q_pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
         if not self.mscale:
             return None
-        return dca_mscale(n.cpu(), self.trained_length).to(q_pos.device)[:, None].expand(q_pos.shape)
+        return self.mscale_of(n).to(q_pos.device)[:, None].expand(q_pos.shape)
 
     def key_scale(self, n: torch.Tensor) -> torch.Tensor | None:
-        return dca_mscale(n.cpu(), self.trained_length).to(n.device) if self.mscale else None
+        return self.mscale_of(n) if self.mscale else None
+
+    def mscale_of(self, n: torch.Tensor) -> torch.Tensor:
+        """The mscale for ``n`` real keys per row, computed where ``n`` is (no device sync per layer; MPS has no
+        float64, so there on the CPU)."""
+        where = n.cpu() if n.device.type == "mps" else n
+        return dca_mscale(where, self.trained_length).to(n.device)
 
 
 def apply(model: nn.Module, cfg: DCAConfig, undo: Undo) -> Applied:
