@@ -30,6 +30,7 @@ from torch import nn
 
 from .models import ModelInfo, describe, unwrap
 from .patches import registry
+from .patches.portable import portable_configs
 from .patches.base import STATE_ATTR, PatchInfo, PatchState, SetLimit, Transient, Undo, privatize_configs
 from .patches.registry import Method, get_method  # noqa: F401  (get_method: for the faces)
 
@@ -91,6 +92,10 @@ def _apply(model: Any, hf: nn.Module, spec: Method, cfg: Any, params: dict, toke
         setattr(hf.config, CONFIG_KEY, {**copy.deepcopy(record), "form": spec.form(applied.params)})
         for name, value in (spec.config_keys(record["params"]) if spec.config_keys else {}).items():
             setattr(hf.config, name, copy.deepcopy(value))  # keys the method declares for other runtimes (vLLM)
+        if spec.kind.startswith("rope"):  # the 4.x layout beside rope_parameters: save_pretrained writes both
+            layout_notes = portable_configs(hf, applied.layer_types)
+            if spec.form(applied.params) == "config":
+                applied.notes.extend(layout_notes)
         if applied.target_length:
             _raise_limits(model, hf, tokenizer, applied.target_length, undo, wrapper_limits)
     except BaseException:

@@ -27,7 +27,9 @@ class PIConfig(LengthConfig):
 
 
 def rope_parameters(cfg: PIConfig, params: dict, ctx: RopeContext) -> dict:
-    return {**params, "rope_type": "linear", "factor": ctx.factor}
+    """transformers' ``linear``; ``max_position_embeddings`` stays the trained length, from which vLLM and SGLang
+    count the served length (× factor)."""
+    return {**params, "rope_type": "linear", "factor": ctx.factor, "__max_position_embeddings__": ctx.trained_length}
 
 
 def apply(model: nn.Module, cfg: PIConfig, undo: Undo) -> Applied:

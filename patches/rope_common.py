@@ -120,25 +120,29 @@ def rope_targets(model: nn.Module, method: str, cfg: LengthConfig, *, default_ro
 def apply_rope_method(model: nn.Module, method: str, cfg: LengthConfig, params_fn: Any, undo: Undo,
                       targets: RopeTargets | None = None) -> RopeTargets:
     """Write ``params_fn(cfg, old layer params, context)`` as the ``rope_parameters`` of each extended layer type of
-    each config (the model's own copies: see ``privatize_configs``), raise ``max_position_embeddings`` to the target
-    (``params_fn`` may set another value under the key ``"__max_position_embeddings__"``), and rebuild the rotary
-    modules in place. Returns the resolved targets."""
+    each config (the model's own copies: see ``privatize_configs``), raise ``max_position_embeddings`` to the target,
+    and rebuild the rotary modules in place. Returns the resolved targets.
+
+    ``params_fn`` sets top-level config keys under dunder names — ``"__max_position_embeddings__"`` (another value
+    than the target: the trained length where readers count from it, see ``patches/portable.py``),
+    ``"__original_max_position_embeddings__"`` — so that the config in memory is the one every runtime reads the
+    same (``save_pretrained`` writes it as it is)."""
     targets = targets or rope_targets(model, method, cfg)
     for cid, config in targets.configs.items():
         params = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.rope_parameters.items()}
-        max_positions = None
+        target = targets.contexts[cid][0].target_length
+        top = {"max_position_embeddings": max(target, getattr(config, "max_position_embeddings", 0) or 0)}
         for ctx in targets.contexts[cid]:
             old = params[ctx.layer_type] if ctx.layer_type is not None else params
             new = params_fn(cfg, dict(old), ctx)
-            max_positions = new.pop("__max_position_embeddings__", max_positions)
+            top.update({k[2:-2]: new.pop(k) for k in list(new) if k.startswith("__") and k.endswith("__")})
             if ctx.layer_type is None:
                 params = new
             else:
                 params[ctx.layer_type] = new
         config.rope_parameters = params
-        target = targets.contexts[cid][0].target_length
-        config.max_position_embeddings = (max_positions if max_positions is not None
-                                          else max(target, getattr(config, "max_position_embeddings", 0) or 0))
+        for key, value in top.items():
+            setattr(config, key, value)
     for r in targets.rotaries:
         rebuild_rotary(r.module, undo)
     return targets

@@ -44,7 +44,11 @@ class YaRNConfig(LengthConfig):
 
 
 def rope_parameters(cfg: YaRNConfig, params: dict, ctx: RopeContext) -> dict:
+    """transformers' ``yarn``. ``max_position_embeddings`` and a top-level ``original_max_position_embeddings`` are
+    the trained length: the one reading every transformers release shares (``patches/portable.py``)."""
     new = {
+        "__max_position_embeddings__": ctx.trained_length,
+        "__original_max_position_embeddings__": ctx.trained_length,
         **params,
         "rope_type": "yarn",
         "factor": ctx.factor,

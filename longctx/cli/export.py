@@ -29,6 +29,12 @@ def export_cmd(
                                                        "reloaded export (decoders: 3 depths by generation; "
                                                        "embedding models: retrieval over 8 documents), into the "
                                                        "model card.")] = False,
+    config_for: Annotated[str, typer.Option(help="Where one config.json cannot be read the same by every runtime "
+                                                 "(yarn: transformers <= 4.50 and vLLM >= 0.30 count "
+                                                 "max_position_embeddings differently), the reading to write: "
+                                                 "'transformers' (every transformers release, vLLM 0.12-0.29) or "
+                                                 "'vllm' (every vLLM release, transformers >= 4.51). The card "
+                                                 "says which runtimes read the export as meant.")] = "transformers",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (once the new export is complete; the "
                                                  "previous one is never lost).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -51,6 +57,10 @@ def export_cmd(
             get_method(method).make_config(**params, **lengths)
         except (TypeError, ValueError) as e:
             fail(str(e))
+    from longctx.export.forms import CONFIG_FOR
+
+    if config_for not in CONFIG_FOR:
+        fail(f"--config-for must be one of {', '.join(CONFIG_FOR)}, got '{config_for}'")
     if out.exists() and (not out.is_dir() or not overwrite):
         fail(f"{out} exists; pass --overwrite to replace it" if out.is_dir() else f"{out} exists and is not a "
              "directory")
@@ -59,7 +69,7 @@ def export_cmd(
     from longctx.eval.export_checks import export_checks
 
     try:
-        result = longctx.export(src, out, method, overwrite=overwrite, verify=verify,
+        result = longctx.export(src, out, method, overwrite=overwrite, verify=verify, config_for=config_for,
                                 checks=export_checks(verify=verify, eval=eval_), **params, **lengths)
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         fail(" ".join(str(e).split()))

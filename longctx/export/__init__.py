@@ -38,7 +38,7 @@ import torch
 from ..models import unwrap
 from .card import model_card, write_card
 from .files import ExportError, move_into_place, partial_dir, recover
-from .forms import standard_config
+from .forms import CONFIG_FOR, standard_config
 from .sources import Job, memory_job, path_job, tokenizer_of
 
 __all__ = ["export", "ExportResult", "ExportError", "Check", "model_card", "standard_config"]
@@ -56,6 +56,7 @@ class ExportResult:
     trained_length: int | None
     target_length: int | None
     config: dict[str, Any]  # the config.json keys the export set
+    config_for: str = "transformers"  # the reading a standard config was written for (forms.CONFIG_FOR)
     notes: list[str] = field(default_factory=list)
     verify: dict[str, Any] | None = None
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"title", "lines", "data"}
@@ -86,6 +87,7 @@ def export(
     verify: bool = False,
     checks: Sequence[Check] = (),
     progress: bool = True,
+    config_for: str = "transformers",
     **params: Any,
 ) -> ExportResult:
     """Write an extended checkpoint of ``model_or_path`` to ``out``; :func:`longctx.load` reloads it extended.
@@ -104,6 +106,11 @@ def export(
         verify: reload the export and require its outputs to agree with the patched model in memory.
         checks: evaluations to run on the reloaded export (see :class:`Check`; ``longctx.eval.export_checks``).
         progress: show progress bars.
+        config_for: where one config.json cannot be read the same by every runtime (``yarn``: transformers <= 4.50
+            and vLLM >= 0.30 count ``max_position_embeddings`` differently), the reading to write: ``"transformers"``
+            (every transformers release 4.45 ... 5.x, vLLM 0.12 ... 0.29) or ``"vllm"`` (every vLLM release and
+            transformers >= 4.51). The card says which runtimes read the export as longctx means it
+            (docs/export.md).
 
     Returns:
         An :class:`ExportResult`. Raises ``FileExistsError`` for an existing ``out`` without ``overwrite``,
@@ -113,6 +120,8 @@ def export(
     from .. import api
 
     start = time.time()
+    if config_for not in CONFIG_FOR:
+        raise ValueError(f"config_for must be one of {list(CONFIG_FOR)}, got {config_for!r}")
     out = Path(out).expanduser().absolute()
     recover(out)  # a previous export left aside by an overwrite that did not finish comes back first
     if isinstance(model_or_path, (str, Path)):
@@ -122,10 +131,12 @@ def export(
     partial = None
     try:
         partial = partial_dir(out)
-        record, form, info, set_keys, notes = job.run(partial, progress)
+        record, form, info, set_keys, notes = job.run(partial, progress, config_for)
+        notes = list(dict.fromkeys(notes))  # the patch and the form may say the same thing
         result = ExportResult(path=Path(), source=job.source, method=record["method"], form=form,
                               params=record["params"], trained_length=info.trained_length,
-                              target_length=info.target_length, config=set_keys, notes=notes)
+                              target_length=info.target_length, config=set_keys, notes=notes,
+                              config_for=config_for)
         loaded = api.load(partial) if verify or checks else None
         if verify:
             result.verify = _verify(loaded, job, result)

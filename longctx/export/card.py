@@ -32,7 +32,8 @@ def model_card(result: Any, is_st: bool = False) -> str:
         "Written by [longctx](https://pypi.org/project/longctx/) without training.", "",
         f"- base model: `{result.source}`",
         f"- trained length: {result.trained_length}; target length: {result.target_length}",
-        f"- form: {FORMS[result.form]}", "",
+        f"- form: {FORMS[result.form]}" + (f"; written for the {result.config_for} reading (`config_for`)"
+                                            if result.form == "config" else ""), "",
         "| parameter | value |", "|---|---|", params, "",
         "config.json keys set by the export:", "", "```json", json.dumps(result.config, indent=2, default=str), "```",
         "", "## Load", "",

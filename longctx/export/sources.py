@@ -50,13 +50,13 @@ def _form(record: dict, info: Any) -> str:
     return api.get_method(record["method"]).form(info.params)
 
 
-def _config_form(form: str, base: dict, hf: Any, info: Any) -> tuple[str, tuple | None, list[str]]:
+def _config_form(form: str, base: dict, hf: Any, info: Any, config_for: str) -> tuple[str, tuple | None, list[str]]:
     """``(form, standard_config(...) or None, notes)``: the config form falls back to the longctx form where the
     model's config class cannot read the standard parameters (e.g. Phi-3 accepts only 'default' and 'longrope')."""
     if form != "config":
         return form, None, []
     try:
-        return form, standard_config(base, hf.config, info), []
+        return form, standard_config(base, hf.config, info, config_for), []
     except NotStandard as e:
         return "longctx", None, [f"no standard config form: {e}; written as a longctx block instead"]
 
@@ -78,12 +78,14 @@ def carry_files(record: dict, partial: Path) -> None:
 
 
 class Job:
-    """One export: ``run`` writes the partial directory and returns ``(record, form, info, keys set, notes)``;
-    ``reference`` gives the patched model in memory for verification; ``close`` leaves a caller's model as found."""
+    """One export: ``run`` writes the partial directory and returns ``(record, form, info, keys set, notes)``
+    (``config_for``: the reading a standard config is written for, ``forms.CONFIG_FOR``); ``reference`` gives the
+    patched model in memory for verification; ``close`` leaves a caller's model as found."""
 
     source: str
 
-    def run(self, partial: Path, progress: bool) -> tuple[dict, str, Any, dict, list[str]]:
+    def run(self, partial: Path, progress: bool, config_for: str = "transformers"
+            ) -> tuple[dict, str, Any, dict, list[str]]:
         raise NotImplementedError
 
     def reference(self) -> tuple[Any, Any]:
@@ -146,11 +148,12 @@ class CopyJob(Job):
         self.folder, self.config_dir, self.skeleton, self.info = folder, config_dir, skeleton, info
         self.method, self.params, self.source = method, params, str(folder)
 
-    def run(self, partial: Path, progress: bool) -> tuple[dict, str, Any, dict, list[str]]:
+    def run(self, partial: Path, progress: bool, config_for: str = "transformers"
+            ) -> tuple[dict, str, Any, dict, list[str]]:
         record = api.reload_record(self.skeleton)
         rel = self.config_dir.relative_to(self.folder)
         base = json.loads((self.config_dir / "config.json").read_text())
-        form, standard, notes = _config_form(_form(record, self.info), base, self.skeleton, self.info)
+        form, standard, notes = _config_form(_form(record, self.info), base, self.skeleton, self.info, config_for)
         notes = list(self.info.notes) + notes
         if standard is not None:
             config, set_keys, form_notes = standard
@@ -184,11 +187,12 @@ class MemoryJob(Job):
         if method is not None:
             api.patch(model, method, tokenizer=tokenizer, **params)
 
-    def run(self, partial: Path, progress: bool) -> tuple[dict, str, Any, dict, list[str]]:
+    def run(self, partial: Path, progress: bool, config_for: str = "transformers"
+            ) -> tuple[dict, str, Any, dict, list[str]]:
         model, hf = self.model, unwrap(self.model)
         info, record = api.patch_info(model), api.reload_record(model)
         base = {k: v for k, v in hf.config.to_dict().items() if k != api.CONFIG_KEY}
-        form, _, notes = _config_form(_form(record, info), base, hf, info)
+        form, _, notes = _config_form(_form(record, info), base, hf, info, config_for)
         notes = list(info.notes) + notes
         if form == "longctx":  # the base model's files + the record: saved unpatched, then patched again
             with api.unpatched(model):
@@ -198,7 +202,7 @@ class MemoryJob(Job):
         config_path = transformer_dir(partial) / "config.json"
         saved = json.loads(config_path.read_text())
         if form == "config":
-            config, set_keys, form_notes = standard_config(saved, hf.config, info)
+            config, set_keys, form_notes = standard_config(saved, hf.config, info, config_for)
             notes += form_notes
             write_json(config_path, config)
         else:

@@ -116,8 +116,10 @@ def test_legacy_form_is_consistent_and_loads_alone(tmp_path, family, method):
     result = longctx.export(src, tmp_path / "out", method, progress=False, **ROPE_ROWS[method])
     longctx.patch(model, method, **ROPE_ROWS[method])
     config = _config(tmp_path / "out")
-    rope = config["rope_parameters"]
-    params = rope["full_attention"] if family == "gemma3_text" else rope
+    def rope_of(config):
+        return config["rope_parameters"]["full_attention"] if family == "gemma3_text" else config["rope_parameters"]
+
+    params = rope_of(config)
     L, target = result.trained_length, result.target_length
     if method == "ntk" and family == "gpt_neox":  # its 5.x config has no top-level partial_rotary_factor
         assert "no 4.x form" in " ".join(result.notes) and config.get("rope_scaling") is None
@@ -128,12 +130,20 @@ def test_legacy_form_is_consistent_and_loads_alone(tmp_path, family, method):
     else:
         legacy = dict(config["rope_scaling"])
         assert legacy.pop("type") == legacy["rope_type"] == {"pi": "linear", "dynamic_ntk": "dynamic"}.get(method, method)
+        if method == "yarn":  # transformers 4.51-4.57 would derive the factor from max / original: kept out
+            params = {k: v for k, v in params.items() if k != "original_max_position_embeddings"}
+            assert rope_of(config)["original_max_position_embeddings"] == config["original_max_position_embeddings"] == L
         assert legacy == params
-    served = {"pi": L * params.get("factor", 1), "dynamic_ntk": L * params.get("factor", 1),
-              "yarn": params.get("original_max_position_embeddings", 0) * params.get("factor", 1), "ntk": None}[method]
-    assert config["max_position_embeddings"] == (L if method in ("pi", "dynamic_ntk") else target)
-    if served is not None:
-        assert served == pytest.approx(target)
+    # readers count from the trained length for linear, dynamic and yarn (vLLM serves L x factor); a θ change: target
+    assert config["max_position_embeddings"] == (target if method == "ntk" else L)
+    if method != "ntk":
+        assert L * params["factor"] == pytest.approx(target)
+    # what save_pretrained writes of the patched model is what the export wrote
+    model.save_pretrained(tmp_path / "saved")
+    saved = _config(tmp_path / "saved")
+    for key in ("rope_parameters", "rope_scaling", "rope_theta", "max_position_embeddings",
+                "original_max_position_embeddings"):
+        assert saved.get(key) == config.get(key), key
     legacy_only = {k: v for k, v in config.items() if k != "rope_parameters"}
     (tmp_path / "out" / "config.json").write_text(json.dumps(legacy_only))
     assert torch.equal(_out(_plain(tmp_path / "out", family)), _out(model))
@@ -349,3 +359,38 @@ def test_an_overwrite_killed_between_its_renames_is_restored_by_the_next_export(
     with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):  # restored first: OUT exists again
         longctx.export(src, out, "pi", factor=2, progress=False)
     assert _config(out)["rope_parameters"]["rope_type"] == "yarn" and not aside.exists()
+
+
+# --- config_for: the reading a standard config is written for ---------------------------------------------------
+def test_config_for_vllm_writes_yarn_as_vllm_serves_it(tmp_path):
+    """vLLM >= 0.30 serves a yarn config at max_position_embeddings and vLLM <= 0.11 needs the trained length inside
+    rope_scaling: config_for="vllm" writes both; transformers 5 reads it to the same logits; the card says who
+    reads it wrongly (transformers <= 4.50)."""
+    model, src = _saved(tmp_path, "llama")
+    result = longctx.export(src, tmp_path / "out", "yarn", target_length=256, config_for="vllm", verify=True,
+                            progress=False)
+    config = _config(tmp_path / "out")
+    assert config["max_position_embeddings"] == 256 and config["rope_scaling"]["original_max_position_embeddings"] == 64
+    assert result.config_for == "vllm" and result.verify["max_abs_diff"] == 0.0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "written for the vllm reading" in card and "transformers ≤ 4.50" in card
+    longctx.patch(model, "yarn", target_length=256)
+    assert torch.equal(_out(_plain(tmp_path / "out", "llama")), _out(model))
+    # the default: every transformers release, and the card names the vLLM releases that need the other reading
+    default = longctx.export(src, tmp_path / "default", "yarn", target_length=256, progress=False)
+    assert default.config_for == "transformers" and any("vLLM ≥ 0.30" in n for n in default.notes)
+
+
+def test_config_for_changes_nothing_where_one_config_serves_every_runtime(tmp_path):
+    _, src = _saved(tmp_path, "llama")
+    a = longctx.export(src, tmp_path / "a", "pi", target_length=256, progress=False)
+    b = longctx.export(src, tmp_path / "b", "pi", target_length=256, config_for="vllm", progress=False)
+    assert _config(tmp_path / "a") == _config(tmp_path / "b") and a.config == b.config
+    assert any("changes nothing" in n for n in b.notes)
+
+
+def test_config_for_rejects_an_unknown_reading_before_any_work(tmp_path):
+    _, src = _saved(tmp_path, "llama")
+    with pytest.raises(ValueError, match=r"config_for must be one of \['transformers', 'vllm'\], got 'sglang'"):
+        longctx.export(src, tmp_path / "out", "yarn", target_length=256, config_for="sglang", progress=False)
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

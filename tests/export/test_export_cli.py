@@ -25,7 +25,9 @@ def test_export_command(tmp_path):
     assert report["form"] == "config" and report["target_length"] == 256
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == config["rope_scaling"]["rope_type"] == "yarn"
-    assert config["max_position_embeddings"] == 256 and config["rope_parameters"]["factor"] == 4.0
+    # the reading every transformers release shares: L in max_position_embeddings and at the top level only
+    assert config["max_position_embeddings"] == config["original_max_position_embeddings"] == 64
+    assert config["rope_parameters"]["factor"] == 4.0 and "original_max_position_embeddings" not in config["rope_scaling"]
 
     again = runner.invoke(app, ["export", str(tmp_path / "src"), str(out), "--method", "pi", "--factor", "2"])
     assert again.exit_code == 2 and "overwrite" in again.output
@@ -53,3 +55,16 @@ def test_export_command_errors(tmp_path):
     assert unknown.exit_code == 2 and "unknown method 'magic'" in unknown.output
     assert not (tmp_path / "out").exists()
     assert "export" in runner.invoke(app, ["--help"]).output
+
+
+def test_export_config_for_on_the_command_line(tmp_path):
+    build("llama").save_pretrained(tmp_path / "src")
+    bad = runner.invoke(app, ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--method", "yarn",
+                              "--factor", "4", "--config-for", "sglang"])
+    assert bad.exit_code == 2 and not (tmp_path / "out").exists()
+    assert "--config-for must be one of transformers, vllm, got 'sglang'" in " ".join(bad.output.split())
+    ok = runner.invoke(app, ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--method", "yarn",
+                             "--factor", "4", "--config-for", "vllm"])
+    assert ok.exit_code == 0, ok.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256 and config["rope_scaling"]["original_max_position_embeddings"] == 64

@@ -86,9 +86,10 @@ def test_patch_equals_builtin_and_unpatch_is_exact(model_type, method):
     info = longctx.patch(model, method, factor=FACTOR)
     assert info.method == method and info.factor == FACTOR
     assert info.trained_length == TRAINED and info.target_length == int(FACTOR * TRAINED)
-    # dynamic: transformers' (and vLLM's) own type, which counts the trained length from max_position_embeddings
-    served = TRAINED if method == "dynamic_ntk" else int(FACTOR * TRAINED)
-    assert model.config.max_position_embeddings == served
+    # the config in memory is the one every transformers release reads the same (patches/portable.py): linear,
+    # dynamic and yarn keep max_position_embeddings at the trained length (readers count from it); a θ change: target
+    kept = TRAINED if method in ("pi", "dynamic_ntk", "yarn") else int(FACTOR * TRAINED)
+    assert model.config.max_position_embeddings == kept
     patched = _logits(model, ids)
 
     ref = reference(model_type, model, method)
@@ -163,7 +164,7 @@ def test_tokenizer_limit_raised_and_restored():
     tok.model_max_length = TRAINED
     model = build("llama")
     longctx.patch(model, "yarn", target_length=1000, tokenizer=tok)
-    assert tok.model_max_length == 1000 and model.config.max_position_embeddings == 1000
+    assert tok.model_max_length == 1000 and model.config.max_position_embeddings == TRAINED  # yarn counts from L
     longctx.unpatch(model)
     assert tok.model_max_length == TRAINED
 

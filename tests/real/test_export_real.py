@@ -57,7 +57,8 @@ def test_stories260k_yarn_export_with_verify(tmp_path, stories_path):
     assert [(r["length"], r["depth"]) for r in evaluated] == [(n, d) for n in (496, 2032) for d in (0.1, 0.5, 0.9)]
     assert all(r["kind"] == "generation" and r["tokens"] <= r["length"] + 16 for r in evaluated)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["rope_scaling"]["original_max_position_embeddings"] == 512 and config["rope_scaling"]["factor"] == 4
+    assert config["original_max_position_embeddings"] == config["max_position_embeddings"] == 512
+    assert config["rope_scaling"]["factor"] == 4 and "original_max_position_embeddings" not in config["rope_scaling"]
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] >= 2048
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (stories_path / "model.safetensors").read_bytes()
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers
@@ -73,7 +74,7 @@ def test_smollm2_gguf_export(tmp_path):
     from longctx.loading import load_causal_lm
 
     result = longctx.export("smollm2", tmp_path / "out", "yarn", target_length=16384, progress=False)
-    assert result.form == "config" and result.config["max_position_embeddings"] == 16384
+    assert result.form == "config" and result.config["max_position_embeddings"] == 8192  # yarn: every release's reading
     model, tokenizer = load_causal_lm("smollm2")
     longctx.patch(model, "yarn", target_length=16384)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

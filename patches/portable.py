@@ -1,0 +1,121 @@
+"""What a patched model's config says to every runtime: both config layouts, as each reader reads them (floor 3).
+
+transformers 5 reads ``rope_parameters``; transformers 4.x, vLLM, SGLang and the llama.cpp converter read the 4.x
+layout, ``rope_scaling`` (with ``rope_type`` and the older ``type`` key) plus a top-level ``rope_theta`` — and
+transformers 5 itself prefers ``rope_scaling`` when a config.json holds both. So the two must agree, and both must be
+written: :func:`write_legacy_layout` puts the 4.x layout into the patched config's ``__dict__`` beside
+``rope_parameters`` (the class property ``rope_scaling`` still answers in memory; ``to_dict``, hence
+``save_pretrained``, writes the entry), after reading it back with the model's own config class. A patched model's
+``save_pretrained`` then writes what ``longctx export`` writes (the export starts from the same config).
+
+How readers count ``max_position_embeddings`` differs by rope type and release (docs/export.md has the table and its
+sources); the values a method sets are chosen so that every transformers release reads the same frequencies:
+
+* ``linear`` / ``dynamic``: the trained length L (transformers' and vLLM's ``dynamic`` take L from it; vLLM serves
+  L × factor);
+* ``yarn``: L as well, with ``original_max_position_embeddings`` = L at the top level but **not** inside
+  ``rope_scaling``: transformers ≤ 4.50 ignores that key and takes ``max_position_embeddings`` as the original
+  length, and transformers 4.51–4.57 derives the factor from ``max_position_embeddings / original`` when the key is
+  there (both silently wrong with the other choices); transformers 5 and vLLM 0.12–0.29 take the top-level key.
+  The reading the newest vLLM wants instead (``max_position_embeddings`` = the target) is an export option
+  (``config_for="vllm"``, ``longctx.export.forms``);
+* a plain θ change (``ntk``): the target.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["NotStandard", "plain", "read_rope", "reads_back", "legacy_params", "legacy_layout", "layout_for", "write_legacy_layout",
+           "portable_configs", "LEGACY_KEYS", "NO_LAYOUT"]
+
+LEGACY_KEYS = ("rope_scaling", "rope_theta")  # the 4.x layout, beside rope_parameters in a patched config's __dict__
+
+
+class NotStandard(Exception):
+    """transformers cannot read these rope parameters from a config.json of this model type."""
+
+
+def plain(rope: dict) -> dict:
+    """Rope parameters without the legacy ``type`` alias (compared as transformers reads them)."""
+    if any(isinstance(v, dict) for v in rope.values()):
+        return {k: plain(v) if isinstance(v, dict) else v for k, v in rope.items()}
+    return {k: v for k, v in rope.items() if k != "type"}
+
+
+def read_rope(config: dict) -> dict:
+    """``rope_parameters`` as this transformers reads them from a config.json holding ``config``
+    (:class:`NotStandard` if its config class rejects them)."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[config["model_type"]]
+    data = {k: v for k, v in copy.deepcopy(config).items() if k not in ("model_type", "transformers_version")}
+    try:
+        return plain(cls(**data).rope_parameters)
+    except Exception as e:  # noqa: BLE001 - any validation error means: not expressible for this config class
+        raise NotStandard(f"{cls.__name__} rejects them: {str(e).strip().splitlines()[-1]}") from None
+
+
+def reads_back(config: dict, rope: dict) -> bool:
+    """Does a config.json holding ``config`` read back to the rope parameters ``rope``?"""
+    try:
+        return read_rope(config) == plain(rope)
+    except NotStandard:
+        return False
+
+
+def legacy_params(rope: dict, layer_types: list[str] | None) -> dict | None:
+    """The one set of parameters the 4.x layout can carry: the flat parameters, or those of the single extended
+    layer type of a nested config (None where more than one layer type is extended)."""
+    nested = [k for k, v in rope.items() if isinstance(v, dict)]
+    if not nested:
+        return dict(rope)
+    extended = [k for k in (layer_types or nested) if k in rope]
+    return dict(rope[extended[0]]) if len(extended) == 1 else None
+
+
+def legacy_layout(params: dict) -> dict:
+    """``{"rope_scaling", "rope_theta"}`` of the 4.x layout for one set of rope parameters (``yarn``: without
+    ``original_max_position_embeddings``, which the top level carries; see the module docstring)."""
+    scaling = None if params["rope_type"] == "default" else {**params, "type": params["rope_type"]}  # "type": < 4.43
+    if params["rope_type"] == "yarn":
+        scaling.pop("original_max_position_embeddings", None)
+    return {"rope_scaling": scaling, "rope_theta": params["rope_theta"]}
+
+
+def layout_for(config: dict, rope: dict, layer_types: list[str] | None = None) -> dict | None:
+    """The 4.x layout (``{"rope_scaling", "rope_theta"}``) of a config.json holding ``config`` whose rope parameters
+    are ``rope``, or None where it cannot carry them: more than one extended layer type, or the config class does
+    not read it back to ``rope`` (ModernBERT's applies ``rope_scaling`` to every layer type)."""
+    legacy = legacy_params(rope, layer_types)
+    if legacy is None:
+        return None
+    layout = legacy_layout(legacy)
+    data = {k: v for k, v in config.items() if k != "rope_parameters"}
+    return layout if reads_back({**data, **layout}, rope) else None
+
+
+NO_LAYOUT = ("no 4.x form (rope_scaling + top-level rope_theta) written: transformers does not read it back to "
+             "these parameters for {}; only rope_parameters (transformers >= 5) carries them")
+
+
+def write_legacy_layout(config: Any, layer_types: list[str] | None = None) -> list[str]:
+    """Write the 4.x layout of ``config.rope_parameters`` into ``config.__dict__`` (saved by ``save_pretrained``)
+    where :func:`layout_for` finds one; otherwise leave it out and say why (returned notes). ``config`` is a patched
+    model's own copy (``privatize_configs``): unpatching puts the untouched one back."""
+    layout = layout_for(config.to_dict(), copy.deepcopy(config.rope_parameters), layer_types)
+    if layout is None:
+        return [NO_LAYOUT.format(getattr(config, "model_type", "?"))]
+    config.__dict__.update(layout)
+    return []
+
+
+def portable_configs(model: Any, layer_types: list[str] | None = None) -> list[str]:
+    """:func:`write_legacy_layout` on every config a rotary module of ``model`` reads (a RoPE method's patch, after
+    it is applied); returns the notes."""
+    from longctx.models import find_rotary_modules
+
+    configs = {id(r.config): r.config for r in find_rotary_modules(model)}
+    return [note for config in configs.values() if getattr(config, "rope_parameters", None)
+            for note in write_legacy_layout(config, layer_types)]
