@@ -61,6 +61,7 @@ class ModelInfo:
     head_dim: int | None
     rope_theta: Any = None
     rope_type: Any = None
+    rope_factor: Any = None  # the scaling factor of a linear / dynamic / yarn rope type (None: unscaled)
     layer_types: list[str] = field(default_factory=list)
     extended_layer_types: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
@@ -237,9 +238,12 @@ def describe(model: Any) -> ModelInfo:
             info.extended_layer_types = extendable_layer_types(text_config) or []
             info.rope_theta = {lt: text_config.rope_parameters[lt].get("rope_theta") for lt in layer_types}
             info.rope_type = {lt: text_config.rope_parameters[lt].get("rope_type") for lt in layer_types}
+            factors = {lt: text_config.rope_parameters[lt].get("factor") for lt in layer_types}
+            info.rope_factor = {lt: f for lt, f in factors.items() if f is not None} or None
         else:
             info.rope_theta = params.get("rope_theta")
             info.rope_type = params.get("rope_type")
+            info.rope_factor = params.get("factor")
     return info
 
 
