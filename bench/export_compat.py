@@ -45,12 +45,13 @@ for case in jobs["cases"]:
     row = {"case": case["name"], "transformers": transformers.__version__}
     try:
         model = AutoModelForCausalLM.from_pretrained(case["dir"], torch_dtype=torch.float32).eval()
-        rotary = getattr(model.model, "rotary_emb", None) or model.model.layers[0].self_attn.rotary_emb
+        rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         ref = torch.load(case["ref"])
+        inv_freq = getattr(rotary, "inv_freq", None)
         row.update(max_abs_diff=float((logits - ref).abs().max()),
-                   inv_freq=[float(x) for x in rotary.inv_freq.float()],
+                   inv_freq=None if inv_freq is None else [float(x) for x in inv_freq.float()],
                    attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
     except Exception as e:  # a loud failure is a result too
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
@@ -74,6 +75,38 @@ def venv_python(release: str, cache: Path = CACHE, log=lambda m: print(m, file=s
     return python
 
 
+# tiny models of other families, built from their config (random weights: the logits compare readings, not quality)
+FAMILIES = {
+    "qwen2": {},
+    "gemma3_text": {"head_dim": 8, "num_hidden_layers": 3, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "gpt_neox": {"rotary_pct": 0.5},
+}
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
+
+
+MAKER = "4.57.6"  # tiny models are written by the last 4.x release: a config.json as checkpoints on the Hub have it
+MAKE = r'''
+import json, sys, torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+family, kwargs, folder = json.loads(sys.stdin.read())
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(CONFIG_MAPPING[family](**kwargs)).save_pretrained(folder)
+'''
+
+
+def source_model(family: str, work: Path, cache: Path = CACHE, maker: str = MAKER) -> Path:
+    """The directory exported from: stories260K, or a tiny random model of ``family`` written under ``work`` by
+    transformers ``maker`` (a Hub-era config.json: GPT-NeoX's ``rotary_pct`` / ``rotary_emb_base`` …)."""
+    if family == "stories260K":
+        return STORIES
+    folder = work / f"base-{family}"
+    subprocess.run([str(venv_python(maker, cache)), "-c", MAKE], check=True, capture_output=True, text=True,
+                   input=json.dumps([family, {**TINY, **FAMILIES[family]}, str(folder)]))
+    return folder
+
+
 def cases(methods: list[str] | None = None, factor: float = 8.0) -> list[dict]:
     """Every config-form method, written by ``longctx export`` (each ``config_for`` reading) and by
     ``save_pretrained`` of the patched model."""
@@ -83,7 +116,7 @@ def cases(methods: list[str] | None = None, factor: float = 8.0) -> list[dict]:
 
     names = methods or sorted(n for n, spec in registry.items()
                               if spec.kind == "rope" and spec.form({"factor": factor}) == "config")
-    out = []
+    out = [{"name": "base (no patch)", "method": None, "source": "base"}]
     for name in names:
         for config_for in CONFIG_FOR:
             out.append({"name": f"{name} export" + ("" if config_for == CONFIG_FOR[0] else f" ({config_for})"),
@@ -94,26 +127,33 @@ def cases(methods: list[str] | None = None, factor: float = 8.0) -> list[dict]:
     return out
 
 
-def write_cases(work: Path, todo: list[dict], length: int, seed: int = 0) -> dict:
+def write_cases(work: Path, todo: list[dict], length: int, seed: int = 0, family: str = "stories260K",
+                cache: Path = CACHE, maker: str = MAKER) -> dict:
     """Write each case's directory and its reference logits (the model patched in memory) under ``work``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import longctx
 
+    source = source_model(family, work, cache, maker)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, length))
     torch.save(ids, work / "ids.pt")
     jobs = {"ids": str(work / "ids.pt"), "cases": []}
     for i, case in enumerate(todo):
         folder = work / f"case{i}"
+        if case["method"] is None:  # the base model as this release reads it: what the others are measured against
+            with torch.no_grad():
+                torch.save(model(input_ids=ids).logits, work / f"ref{i}.pt")
+            jobs["cases"].append({"name": case["name"], "dir": str(source), "ref": str(work / f"ref{i}.pt")})
+            continue
         longctx.patch(model, case["method"], factor=case["factor"])
         with torch.no_grad():
             ref = model(input_ids=ids).logits
         if case["source"] == "export":
             longctx.unpatch(model)
-            longctx.export(STORIES, folder, case["method"], factor=case["factor"], config_for=case["config_for"],
+            longctx.export(source, folder, case["method"], factor=case["factor"], config_for=case["config_for"],
                            progress=False)
             same = [c for c in jobs["cases"] if c.get("config") == (folder / "config.json").read_text()]
             if same:  # this reading writes the very config another case wrote: nothing more to compare
@@ -151,7 +191,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--releases", default=",".join(RELEASES), help="transformers releases, comma-separated")
     ap.add_argument("--methods", default=None, help="config-form methods (default: all)")
-    ap.add_argument("--length", type=int, default=4096, help="tokens compared (default: the 8x target, 4096)")
+    ap.add_argument("--family", default="stories260K", choices=["stories260K", *FAMILIES],
+                    help="stories260K (Llama, trained 512) or a tiny random model of another family (trained 64)")
+    ap.add_argument("--length", type=int, default=None, help="tokens compared (default: the 8x target)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="where the virtualenvs are kept")
     ap.add_argument("--json", type=Path, default=None, help="write every row (diffs, frequencies) here")
     args = ap.parse_args()
@@ -162,7 +204,8 @@ def main() -> None:
     table: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
-        jobs = write_cases(Path(tmp), todo, args.length)
+        length = args.length or (4096 if args.family == "stories260K" else 512)
+        jobs = write_cases(Path(tmp), todo, length, family=args.family, cache=args.cache)
         print(f"wrote {len(todo)} directories from stories260K in {time.time() - start:.0f} s", file=sys.stderr)
         for release in releases + [f"{transformers.__version__} (this one)"]:
             python = sys.executable if release.endswith("(this one)") else venv_python(release, args.cache)
@@ -170,7 +213,7 @@ def main() -> None:
             table[release] = read_with(python, jobs)
             print(f"  transformers {release}: {time.time() - start:.0f} s", file=sys.stderr)
     names = [c["name"] for c in jobs["cases"]]
-    print(f"\nmax |logit difference| against the model patched in memory (stories260K, fp32, {args.length} tokens; "
+    print(f"\nmax |logit difference| against the model patched in memory ({args.family}, fp32, {length} tokens; "
           "bold: > 1e-3)\n")
     print("| transformers | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))

@@ -1,8 +1,9 @@
 """What a patched model's config says to every runtime: both config layouts, as each reader reads them (floor 3).
 
 transformers 5 reads ``rope_parameters``; transformers 4.x, vLLM, SGLang and the llama.cpp converter read the 4.x
-layout, ``rope_scaling`` (with ``rope_type`` and the older ``type`` key) plus a top-level ``rope_theta`` — and
-transformers 5 itself prefers ``rope_scaling`` when a config.json holds both. So the two must agree, and both must be
+layout, ``rope_scaling`` (with ``rope_type`` and the older ``type`` key) plus a top-level ``rope_theta`` and
+``partial_rotary_factor`` (GPT-NeoX: ``rotary_emb_base`` and ``rotary_pct``, :data:`ALIASES`) — and transformers 5
+itself prefers ``rope_scaling`` when a config.json holds both. So the two must agree, and both must be
 written: :func:`write_legacy_layout` puts the 4.x layout into the patched config's ``__dict__`` beside
 ``rope_parameters`` (the class property ``rope_scaling`` still answers in memory; ``to_dict``, hence
 ``save_pretrained``, writes the entry), after reading it back with the model's own config class. A patched model's
@@ -30,7 +31,7 @@ from typing import Any
 __all__ = ["NotStandard", "plain", "read_rope", "reads_back", "legacy_params", "legacy_layout", "layout_for", "write_legacy_layout",
            "portable_configs", "LEGACY_KEYS", "NO_LAYOUT"]
 
-LEGACY_KEYS = ("rope_scaling", "rope_theta")  # the 4.x layout, beside rope_parameters in a patched config's __dict__
+LEGACY_KEYS = ("rope_scaling", "rope_theta")  # the 4.x layout (with partial_rotary_factor and ALIASES where they apply)
 
 
 class NotStandard(Exception):
@@ -75,13 +76,28 @@ def legacy_params(rope: dict, layer_types: list[str] | None) -> dict | None:
     return dict(rope[extended[0]]) if len(extended) == 1 else None
 
 
-def legacy_layout(params: dict) -> dict:
-    """``{"rope_scaling", "rope_theta"}`` of the 4.x layout for one set of rope parameters (``yarn``: without
-    ``original_max_position_embeddings``, which the top level carries; see the module docstring)."""
+# 4.x names of rope_theta / partial_rotary_factor in config classes that had their own (transformers 5 reads them
+# only where rope_parameters lack the value; 4.x reads nothing else)
+ALIASES = {
+    "gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"},
+    "gpt_neox_japanese": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"},
+}
+
+
+def legacy_layout(params: dict, model_type: str | None = None) -> dict:
+    """The 4.x layout of one set of rope parameters: ``rope_scaling`` (``yarn``: without
+    ``original_max_position_embeddings``, which the top level carries; see the module docstring), the top-level
+    ``rope_theta`` and ``partial_rotary_factor``, and the model type's own 4.x names for them (:data:`ALIASES`)."""
     scaling = None if params["rope_type"] == "default" else {**params, "type": params["rope_type"]}  # "type": < 4.43
     if params["rope_type"] == "yarn":
         scaling.pop("original_max_position_embeddings", None)
-    return {"rope_scaling": scaling, "rope_theta": params["rope_theta"]}
+    layout = {"rope_scaling": scaling, "rope_theta": params["rope_theta"]}
+    if "partial_rotary_factor" in params:
+        layout["partial_rotary_factor"] = params["partial_rotary_factor"]
+    for key, alias in ALIASES.get(model_type, {}).items():
+        if key in layout:
+            layout[alias] = layout[key]
+    return layout
 
 
 def layout_for(config: dict, rope: dict, layer_types: list[str] | None = None) -> dict | None:
@@ -91,7 +107,7 @@ def layout_for(config: dict, rope: dict, layer_types: list[str] | None = None) -
     legacy = legacy_params(rope, layer_types)
     if legacy is None:
         return None
-    layout = legacy_layout(legacy)
+    layout = legacy_layout(legacy, config.get("model_type"))
     data = {k: v for k, v in config.items() if k != "rope_parameters"}
     return layout if reads_back({**data, **layout}, rope) else None
 

@@ -121,10 +121,10 @@ def test_legacy_form_is_consistent_and_loads_alone(tmp_path, family, method):
 
     params = rope_of(config)
     L, target = result.trained_length, result.target_length
-    if method == "ntk" and family == "gpt_neox":  # its 5.x config has no top-level partial_rotary_factor
-        assert "no 4.x form" in " ".join(result.notes) and config.get("rope_scaling") is None
-        return
     assert config["rope_theta"] == params["rope_theta"]
+    if family == "gpt_neox":  # its 4.x config reads θ and the rotary fraction under its own names only
+        assert config["rotary_emb_base"] == params["rope_theta"] and config["partial_rotary_factor"] == 0.5
+        assert config["rotary_pct"] == params["partial_rotary_factor"] == 0.5
     if method == "ntk":
         assert config["rope_scaling"] is None and params["rope_type"] == "default"
     else:
@@ -142,7 +142,7 @@ def test_legacy_form_is_consistent_and_loads_alone(tmp_path, family, method):
     model.save_pretrained(tmp_path / "saved")
     saved = _config(tmp_path / "saved")
     for key in ("rope_parameters", "rope_scaling", "rope_theta", "max_position_embeddings",
-                "original_max_position_embeddings"):
+                "original_max_position_embeddings", "partial_rotary_factor", "rotary_emb_base", "rotary_pct"):
         assert saved.get(key) == config.get(key), key
     legacy_only = {k: v for k, v in config.items() if k != "rope_parameters"}
     (tmp_path / "out" / "config.json").write_text(json.dumps(legacy_only))

@@ -46,3 +46,17 @@ def test_transformers_4_46_reads_yarn_and_pi_exports_and_saves_as_longctx_means_
     wrong = rows["yarn export (vllm)"]
     assert wrong["inv_freq"][1] == pytest.approx(0.1, rel=1e-5) and wrong["max_abs_diff"] > 1.0
     assert "pi export (vllm)" not in rows  # pi has one reading: the same config was written
+
+
+def test_transformers_4_46_reads_gpt_neox_exports_under_its_own_names(tmp_path, old_python):
+    """A GPT-NeoX checkpoint as 4.x wrote it (``rotary_pct``, ``rotary_emb_base``): 4.x reads θ and the rotary
+    fraction only under those names, so an ntk export (a new θ) and every save_pretrained copy (transformers 5 keeps
+    them in rope_parameters only) must write them there too."""
+    bench = _bench()
+    todo = bench.cases(["ntk", "pi"], factor=8.0)
+    jobs = bench.write_cases(tmp_path, todo, length=512, family="gpt_neox", maker=RELEASE)
+    rows = bench.read_with(old_python, jobs)
+    assert [r["case"] for r in rows] == ["base (no patch)", "ntk export", "ntk save_pretrained", "pi export",
+                                         "pi save_pretrained"]
+    for row in rows:
+        assert "error" not in row and row["max_abs_diff"] < 1e-4, row
