@@ -42,7 +42,8 @@ def model_card(result: Any, is_st: bool = False) -> str:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
                   "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```", "",
-                  "```bash", f"vllm serve PATH --max-model-len {result.target_length}", "```", ""]
+                  "```bash", "# which vLLM releases read this config as meant: see Notes",
+                  f"vllm serve PATH --max-model-len {result.target_length}", "```", ""]
     if is_st:
         lines += ["```python", "import longctx  # or: from sentence_transformers import SentenceTransformer",
                   "model = longctx.load(\"PATH\")", "```", ""]
