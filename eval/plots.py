@@ -25,19 +25,24 @@ def _pyplot():
     return plt
 
 
+MARKERS = "osD^v<>pPX*h"
+STYLES = ("-", "--", "-.", ":")
+
+
 def heatmap(records: Sequence[dict], path: str | Path, *, title: str, trained_length: int | None = None,
             value: str = "correct") -> Path:
-    """Mean of ``value`` per (length, depth) over ``records`` (dicts with ``length``, ``depth``, ``value``)."""
+    """Mean of ``value`` per (length, depth) over ``records`` (dicts with ``length``, ``depth``, ``value``), shown in %
+    (cells and colour bar on the same 0-100 scale)."""
     plt = _pyplot()
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
         cells[(r["length"], round(float(r["depth"]), 3))].append(float(r[value]))
     lengths = sorted({k[0] for k in cells})
     depths = sorted({k[1] for k in cells})
-    grid = [[sum(cells[(n, d)]) / len(cells[(n, d)]) if cells.get((n, d)) else float("nan") for n in lengths]
+    grid = [[100 * sum(cells[(n, d)]) / len(cells[(n, d)]) if cells.get((n, d)) else float("nan") for n in lengths]
             for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("length (tokens)")
@@ -45,39 +50,52 @@ def heatmap(records: Sequence[dict], path: str | Path, *, title: str, trained_le
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if v == v:
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
     if trained_length is not None:
         beyond = [j for j, n in enumerate(lengths) if n > trained_length]
         if beyond and beyond[0] > 0:
             ax.axvline(beyond[0] - 0.5, color="black", linewidth=2, linestyle="--", label=f"trained {trained_length}")
-            ax.legend(loc="upper right", fontsize=7)
-    fig.colorbar(im, ax=ax, label="accuracy")
+            ax.legend(loc="upper left", bbox_to_anchor=(0, -0.35), fontsize=7, frameon=False)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
 def curves(rows: Sequence[dict], path: str | Path, *, metric: str, title: str, trained_length: int | None = None,
-           log_y: bool = False) -> Path:
-    """``metric`` versus ``length``, one line per ``method`` (rows: dicts with method, length, metric)."""
+           log_y: bool = False, percent: bool = False, ylabel: str | None = None) -> Path:
+    """``metric`` versus ``length``, one line per ``method`` (rows: dicts with method, length, metric).
+
+    Lengths on a log axis labelled with the lengths themselves; each method its own marker and line style, nudged
+    sideways a little so equal values do not hide each other; the legend outside the data; ``percent``: values
+    × 100 on a 0-100 axis (the unit of the tables)."""
     plt = _pyplot()
     by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
         if r.get(metric) is not None and r.get("length") is not None:
-            by_method[r["method"]].append((r["length"], float(r[metric])))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, points in by_method.items():
+            by_method[r["method"]].append((r["length"], float(r[metric]) * (100 if percent else 1)))
+    lengths = sorted({n for points in by_method.values() for n, _ in points})
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    k = len(by_method)
+    for i, (method, points) in enumerate(by_method.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        nudge = 2 ** (0.025 * (i - (k - 1) / 2))  # a few % of an octave apart
+        ax.plot([p[0] * nudge for p in points], [p[1] for p in points], marker=MARKERS[i % len(MARKERS)],
+                linestyle=STYLES[i % len(STYLES)], markersize=5, linewidth=1.4, label=method, alpha=0.9)
     ax.set_xscale("log", base=2)
+    if lengths:
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
     if log_y:
         ax.set_yscale("log")
+    if percent:
+        ax.set_ylim(0, 102)
     if trained_length is not None:
         ax.axvline(trained_length, color="black", linestyle="--", linewidth=1, label=f"trained {trained_length}")
     ax.set_xlabel("length (tokens)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(ylabel or (f"{metric} (%)" if percent else metric))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
     return _save(fig, path)
 
 

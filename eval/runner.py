@@ -91,6 +91,7 @@ def sweep(
     target: str | int = "each",
     method_params: dict[str, dict[str, Any]] | None = None,
     skip_within: int | None = None,
+    within: str = "skip",
     trained_length: int | None = None,
     tokenizer: Any = None,
     baseline: Callable[[str], contextlib.AbstractContextManager] | None = None,
@@ -100,9 +101,10 @@ def sweep(
     """Run ``run(cell)`` for every method × length and return its rows, each tagged with ``method``, ``length`` and
     ``params`` (the resolved parameters as a string, :func:`params_key`).
 
-    ``target``: ``"each"`` patches every method to each evaluated length in turn (skipped at lengths up to
-    ``skip_within``, the trained length, where a method has nothing to extend), an integer patches every method once
-    to that length.
+    ``target``: ``"each"`` patches every method to each evaluated length in turn (not at lengths up to
+    ``skip_within``, the trained length, where a method has nothing to extend: such cells are skipped, or with
+    ``within="unpatched"`` run on the model as it is, inside ``baseline(method)``, with ``cell.info`` None), an integer
+    patches every method once to that length.
     Baselines (``vanilla``, ``truncate``) run the model as it is, inside ``baseline(method)`` when given (e.g. an
     embedding model's length cap). ``method_params``: extra parameters per method; ``trained_length`` overrides the
     config's. ``log``: rows of an earlier run for a cell (same method, parameters, length and ``match``) are handed to
@@ -113,6 +115,8 @@ def sweep(
     """
     import longctx
 
+    if within not in ("skip", "unpatched"):
+        raise ValueError(f"within must be 'skip' or 'unpatched', got {within!r}")
     method_params = method_params or {}
     plan = []  # (method, length it is patched to, the lengths evaluated there, its parameters; None: a baseline)
     for method in methods:
@@ -122,6 +126,8 @@ def sweep(
                 plan.append((method, group, None))
                 continue
             if target == "each" and skip_within is not None and patch_to is not None and patch_to <= skip_within:
+                if within == "unpatched":
+                    plan.append((method, group, None))
                 continue
             params = {"target_length": patch_to, **method_params.get(method, {})}
             if trained_length is not None:

@@ -86,6 +86,14 @@ class RetrievalTask:
             {d: self.doc_meta[d] for d in docs}, {q: self.query_meta[q] for q in qids},
         )
 
+    def cut(self, length: int, cut: Callable[[str, int], str]) -> RetrievalTask:
+        """The task with every document and query cut to ``length`` tokens by ``cut(text, length)`` (LongEmbed's
+        protocol for real tasks; ``Embedder.cut`` counts special tokens in)."""
+        return RetrievalTask(
+            f"{self.name}@{length}", {d: cut(t, length) for d, t in self.corpus.items()},
+            {q: cut(t, length) for q, t in self.queries.items()}, self.qrels, self.doc_meta, self.query_meta,
+        )
+
     @property
     def lengths(self) -> list[int]:
         return sorted({m["length"] for m in self.doc_meta.values() if "length" in m})

@@ -53,6 +53,9 @@ class Method:
             applies to.
         examples: ``examples(trained_length) -> [params, …]``: typical patches of a model trained at that length,
             each variant of the method once (the docs show them; the contract battery runs every one).
+        unchanged_within: inputs no longer than the trained length (special tokens included) give exactly the
+            unpatched model's outputs, bit for bit (the evaluations reuse such embeddings across methods; the
+            contract battery checks the claim on every method that makes it).
         carry_files: parameters naming files that an export must carry along, each mapped to
             ``write(value, directory) -> "./name"`` (it writes the file into the export and returns how the saved
             record refers to it; ``longctx.load`` resolves ``./`` against the export's directory).
@@ -74,6 +77,7 @@ class Method:
     compare_by_default: bool = False
     examples: Callable[[int], list[dict[str, Any]]] = dataclasses.field(default=None)  # type: ignore[assignment]
     carry_files: dict[str, Callable[[Any, Any], str]] = dataclasses.field(default_factory=dict)
+    unchanged_within: bool = False
 
     def __post_init__(self) -> None:
         if self.examples is None:

@@ -176,8 +176,8 @@ def eval_ppl(
         if plots_enabled(plots, out):
             from longctx.eval.plots import curves
 
-            path = curves(rows, out / "ppl.png", metric="ppl", title=f"perplexity vs length — {model}",
-                          trained_length=trained, log_y=True)
+            path = curves(rows, out / "ppl.png", metric="ppl", title=f"perplexity vs length — {_model_name(model)}",
+                          trained_length=trained, log_y=True, ylabel="perplexity")
             console.print(f"wrote {path}")
 
 
@@ -193,6 +193,11 @@ def eval_retrieval(
     data: Annotated[Optional[Path], typer.Option(help="A real task in LongEmbed's layout: corpus.jsonl, "
                                                       "queries.jsonl, qrels.jsonl (default: the synthetic tasks).")] = None,
     tasks: Annotated[str, typer.Option(help="Synthetic tasks when no --data: passkey, needle.")] = "passkey,needle",
+    max_length: Annotated[Optional[str], typer.Option(help="With --data, LongEmbed's protocol: comma-separated "
+                                                       "context lengths N; documents and queries are cut to N "
+                                                       "tokens (special tokens included) and each method is "
+                                                       "patched to N: a table method x N and an nDCG@10-versus-N "
+                                                       "plot ('truncate': the model at its own limit).")] = None,
     method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
     compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP + " Default: truncate and the methods "
                                                    "compared by default that apply to the model ('longctx methods').")] = None,
@@ -229,12 +234,15 @@ def eval_retrieval(
         fail(f"--candidates ({candidates}) must be at least --docs ({docs})")
     if data is None and max(docs, candidates) < 2:
         fail("retrieval needs at least 2 candidate documents per length: raise --docs or --candidates")
+    if max_length is not None and data is None:
+        fail("--max-length cuts the documents of a real task: give --data DIR (synthetic tasks have --lengths)")
+    max_lengths = int_list(max_length, "--max-length", 16) if max_length is not None else None
     settings = _retrieval_settings(method, compare, param, lengths, depths, batch_size, haystack, data, model,
                                    "needle" in task_names)
     check_out(out)
     _threads(threads)
     _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batch_size, out, plots,
-                   distractors=max(0, candidates - docs))
+                   distractors=max(0, candidates - docs), max_lengths=max_lengths)
 
 
 def _retrieval_settings(method, compare, param, lengths, depths, batch_size, haystack, data, model, needle):
@@ -253,7 +261,7 @@ def _retrieval_settings(method, compare, param, lengths, depths, batch_size, hay
 
 
 def _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batch_size, out, plots, loaded=None,
-                   distractors=0):
+                   distractors=0, max_lengths=None):
     import longctx
     from longctx.eval.retrieval import Embedder, retrieval_grid
     from longctx.eval.synthetic import load_task, needle_task, passkey_task
@@ -285,36 +293,66 @@ def _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batc
     console.print(f"[bold]{model}[/]: {info.position_encoding} positions, trained length {trained}; "
                   f"tasks {','.join(t.name for t in task_list)}; methods {','.join(methods)}")
     rows, per_query = retrieval_grid(loaded.model, task_list, methods, tokenizer=loaded.tokenizer,
-                                     method_params=params, batch_size=batch_size)
-    _print_retrieval(rows, model, trained, synthetic=data is None)
+                                     method_params=params, batch_size=batch_size, max_lengths=max_lengths)
+    _print_retrieval(rows, model, trained, synthetic=data is None, by_length=bool(max_lengths))
     console.print(f"done in {time.time() - start:.0f} s")
     if out is None:
         return
     flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
     write_results(out, flat, {"task": "retrieval", "model": model, "data": str(data) if data else None,
-                              "tasks": [t.name for t in task_list], "methods": methods, "lengths": length_list,
+                              "tasks": [t.name for t in task_list], "methods": methods,
+                              "lengths": max_lengths if data is not None else length_list,
                               "docs_per_length": docs, "candidates_per_length": docs + distractors,
                               "depths": depth_list, "seed": seed, "per_query": per_query,
                               "seconds": round(time.time() - start, 1)})
+    if plots_enabled(plots, out) and max_lengths:
+        from longctx.eval.plots import curves
+
+        for task in task_list:
+            task_rows = [r for r in rows if r["task"] == task.name]
+            path = curves(task_rows, out / f"{task.name}_ndcg10.png", metric="ndcg@10", percent=True,
+                          ylabel="nDCG@10 (%)",
+                          title=f"{task.name}: nDCG@10 vs context length — {_model_name(model)}",
+                          trained_length=trained)
+            console.print(f"wrote {path}")
     if plots_enabled(plots, out) and data is None:
         from longctx.eval.plots import curves, heatmap
 
         for task in task_list:
             task_rows = [r for r in rows if r["task"] == task.name]
-            paths = [curves(task_rows, out / f"{task.name}_accuracy.png", metric="ndcg@1",
-                            title=f"{task.name} retrieval top-1 accuracy — {model}", trained_length=trained)]
+            paths = [curves(task_rows, out / f"{task.name}_accuracy.png", metric="ndcg@1", percent=True,
+                            ylabel="top-1 accuracy (%)", trained_length=trained,
+                            title=f"{task.name} retrieval top-1 accuracy — {_model_name(model)}")]
             for m in methods:
                 records = [q for q in per_query if q["task"] == task.name and q["method"] == m]
                 if depth_list == RANDOM:  # random depths: the heat map bins them to quarters
                     records = [{**q, "depth": round(q["depth"] * 4) / 4} for q in records]
                 paths.append(heatmap(records, out / f"{task.name}_{m}_heatmap.png", value="top1",
-                                     title=f"{task.name} — {m} — {model}", trained_length=trained))
+                                     title=f"{task.name} — {m} — {_model_name(model)}", trained_length=trained))
             console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool) -> None:
+def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool, by_length: bool = False) -> None:
     from rich.table import Table
 
+    if by_length:  # LongEmbed's protocol: one table per task, methods x context length, nDCG@10
+        for task in dict.fromkeys(r["task"] for r in rows):
+            task_rows = [r for r in rows if r["task"] == task]
+            lengths = sorted({r["length"] for r in task_rows})
+            table = Table(title=f"{task} nDCG@10 (%) by context length — {_model_name(model)}, trained {trained}",
+                          caption="* not patched: N within the trained length (the model as it is)")
+            table.add_column("method")
+            for n in lengths:
+                table.add_column(str(n), justify="right")
+            table.add_column("mean", justify="right")
+            for m in dict.fromkeys(r["method"] for r in task_rows):
+                cells = {r["length"]: r for r in task_rows if r["method"] == m}
+                marks = {n: ("*" if m != "truncate" and not cells[n]["patched"] else "") for n in cells}
+                mean = sum(c["ndcg@10"] for c in cells.values()) / len(cells)
+                table.add_row(m, *[f"{100 * cells[n]['ndcg@10']:.1f}{marks[n]}" if n in cells else "-"
+                                   for n in lengths], f"{100 * mean:.1f}")
+            console.print(table)
+        return
     if synthetic:  # one table per task: methods × lengths, top-1 accuracy
         for task in dict.fromkeys(r["task"] for r in rows):
             task_rows = [r for r in rows if r["task"] == task]
@@ -336,6 +374,11 @@ def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool
         table.add_row(r["task"], r["method"], f"{r['ndcg@10']:.4f}", f"{r['ndcg@1']:.4f}", f"{r['recall@10']:.4f}",
                       str(r["queries"]))
     console.print(table)
+
+
+def _model_name(spec: str) -> str:
+    """A model's name for titles: the directory's name rather than its path."""
+    return Path(spec).name if ("/" in spec or Path(spec).exists()) else spec
 
 
 # --- passkey / needle --------------------------------------------------------------------------------------------
@@ -398,11 +441,12 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
     if plots_enabled(plots, out):
         from longctx.eval.plots import curves, heatmap
 
-        paths = [curves(summary, out / f"{kind}_accuracy.png", metric="accuracy",
-                        title=f"{kind} accuracy — {model}", trained_length=trained)]
+        paths = [curves(summary, out / f"{kind}_accuracy.png", metric="accuracy", percent=True,
+                        ylabel="accuracy (%)", title=f"{kind} accuracy — {_model_name(model)}",
+                        trained_length=trained)]
         for m in methods:
             paths.append(heatmap([r for r in rows if r["method"] == m], out / f"{kind}_{m}_heatmap.png",
-                                 title=f"{kind} — {m} — {model}", trained_length=trained))
+                                 title=f"{kind} — {m} — {_model_name(model)}", trained_length=trained))
         console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -131,5 +131,6 @@ def apply(model: nn.Module, cfg: PCWConfig, undo: Undo) -> Applied:
     )
 
 
-METHOD = register(Method(NAME, "absolute", DESCRIPTION, PCWConfig, apply, export_form="longctx", compare_by_default=True,
+METHOD = register(Method(NAME, "absolute", DESCRIPTION, PCWConfig, apply, export_form="longctx",
+                         compare_by_default=True, unchanged_within=True,
                          aliases=("chunk", "chunking")))

@@ -38,5 +38,6 @@ def apply(model: nn.Module, cfg: AbsolutePIConfig, undo: Undo) -> Applied:
     return install_positions(model, cfg, undo, "pi", True, [f"position table interpolated ({cfg.mode})"])
 
 
-METHOD = register(Method(NAME, "absolute", DESCRIPTION, AbsolutePIConfig, apply, export_form="weights", compare_by_default=True,
+METHOD = register(Method(NAME, "absolute", DESCRIPTION, AbsolutePIConfig, apply, export_form="weights",
+                         compare_by_default=True, unchanged_within=True,
                          examples=lambda L: [{"target_length": 4 * L}, {"target_length": 3 * L, "mode": "cubic"}]))

@@ -51,11 +51,23 @@ def test_retrieval_real_task_from_directory(tmp_path):
     (row,) = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
     assert row["ndcg@1"] == 1.0 and row["ndcg@10"] == 1.0 and row["recall@10"] == 1.0 and row["queries"] == 2
 
+    # LongEmbed's protocol: the table method x N, the nDCG@10 plot, the rows per length
+    result = runner.invoke(app, ["eval", "retrieval", "--data", str(data), "--compare", "truncate,grouped",
+                                 "--max-length", "16,1024", "--out", str(tmp_path / "n")])
+    assert result.exit_code == 0, result.output
+    assert "nDCG@10 (%) by context length" in " ".join(result.output.split())
+    rows = json.loads((tmp_path / "n" / "results.json").read_text())["rows"]
+    assert sorted((r["method"], r["length"], r["patched"]) for r in rows) == [
+        ("grouped", 16, False), ("grouped", 1024, True), ("truncate", 16, False), ("truncate", 1024, False)]
+    assert (tmp_path / "n" / "task_ndcg10.png").stat().st_size > 0
+
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "summaries"], "unknown synthetic task"),
     (["--data", "/nonexistent/task"], "corpus.jsonl"),
     (["--compare", "vanilla", "--lengths", "1024"], "pass --method"),
+    (["--max-length", "512"], "--max-length cuts the documents of a real task: give --data DIR"),
+    (["--data", ".", "--max-length", "512,x"], "--max-length"),
 ])
 def test_retrieval_bad_input(args, message):
     result = runner.invoke(app, ["eval", "retrieval", *args])

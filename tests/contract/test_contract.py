@@ -368,3 +368,26 @@ def test_state_is_freed_with_the_model(name, index, family, tmp_path):
 def test_every_registered_method_is_in_the_battery():
     assert {c.values[0] for c in CASES} == set(registry)
     assert all(math.isfinite(len(spec.examples(TRAINED))) and spec.examples(TRAINED) for spec in registry.values())
+
+
+@pytest.mark.parametrize("name, index, family", [c for c in CASES if registry[c.values[0]].unchanged_within])
+def test_unchanged_within_the_trained_length_is_bit_exact(name, index, family, tmp_path):
+    """A method declaring ``unchanged_within`` gives the unpatched outputs bit for bit on inputs no longer than the
+    trained length (special tokens included): the retrieval eval shares those embeddings across methods."""
+    subject = make(family, tmp_path)
+    ids = _ids(n=TRAINED)  # a BERT's trained length counts its position table rows: the longest input it reads
+    texts = [" ".join(f"w{(7 * i + j) % 100}" for i in range(n)) for j, n in enumerate((TRAINED - 2, 5))]
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            if subject.is_st:
+                return subject.model.encode(texts, convert_to_tensor=True).float()
+            out = subject.hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+            return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+    if subject.is_st:
+        subject.model.max_seq_length = TRAINED
+        assert len(subject.model.tokenizer(texts[0]).input_ids) == TRAINED  # specials included: exactly L
+    before = run()
+    longctx.patch(subject.model, name, **_example(name, index))
+    assert torch.equal(run(), before)
