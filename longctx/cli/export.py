@@ -68,20 +68,39 @@ def export_cmd(
     import longctx
     from longctx.eval.export_checks import export_checks
 
+    from longctx.export import ExportError
+
     try:
         result = longctx.export(src, out, method, overwrite=overwrite, verify=verify, config_for=config_for,
                                 checks=export_checks(verify=verify, eval=eval_), **params, **lengths)
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         fail(" ".join(str(e).split()))
+    except ExportError as e:  # verification failed: nothing was written
+        typer.echo(f"verify: FAILED — {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
+    if result.verify:
+        typer.echo(verdict(result))  # one line, unwrapped, before any detail
     console.print(f"[bold]{result.path}[/]: {result.method} ({result.form} form), trained {result.trained_length} "
                   f"-> target {result.target_length}, in {result.seconds:.1f} s")
     for note in result.notes:
         console.print(f"  - {note}")
-    if result.verify:
-        v = result.verify
-        console.print(f"  verify: max |diff| {v['max_abs_diff']:.3g} over {v['tokens']} tokens")
     for report in result.checks.values():
         console.print("\n".join([f"  {report['title']}:"] + [f"  {line}" for line in report["lines"]]))
+
+
+def verdict(result) -> str:
+    """The one line ``--verify`` answers with, before any detail."""
+    v = result.verify
+    line = (f"verify: PASSED — the reloaded export gives the patched model's outputs (max |diff| "
+            f"{v['max_abs_diff']:.3g} over {v['tokens']} tokens)")
+    rows = result.checks.get("verify_passkey", {}).get("data")
+    if rows and rows[0]["kind"] == "generation":
+        line += f"; passkey at the target length: {sum(r['correct'] for r in rows)}/{len(rows)} found"
+    elif rows:
+        line += f"; passkey retrieval at the target length: nDCG@1 {rows[0]['ndcg@1']:.2f}"
+    elif rows is not None:
+        line += "; no tokenizer: no passkey run"
+    return line

@@ -51,7 +51,7 @@ def test_eval_ppl_writes_results(stories_path, tmp_path):
     out = tmp_path / "res"
     result = runner.invoke(app, [
         "eval", "ppl", "--model", str(stories_path), "--text", str(text), "--lengths", "512,1024",
-        "--methods", "vanilla,yarn", "--max-windows", "2", "--out", str(out),
+        "--compare", "vanilla,yarn", "--max-windows", "2", "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
     payload = json.loads((out / "results.json").read_text())

@@ -68,3 +68,24 @@ def test_export_config_for_on_the_command_line(tmp_path):
     assert ok.exit_code == 0, ok.output
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["max_position_embeddings"] == 256 and config["rope_scaling"]["original_max_position_embeddings"] == 64
+
+
+def test_verify_answers_with_one_verdict_line_first(tmp_path, monkeypatch):
+    build("llama").save_pretrained(tmp_path / "src")
+    ok = runner.invoke(app, ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--method", "yarn", "--factor",
+                             "4", "--verify"])
+    assert ok.exit_code == 0, ok.output
+    first = ok.stdout.splitlines()[0]  # progress bars (stderr) aside, the first line said
+    assert first.startswith("verify: PASSED — the reloaded export gives the patched model's outputs (max |diff| 0 ")
+    assert first.endswith("; no tokenizer: no passkey run")
+
+    import longctx.export.forms as forms
+
+    standard = forms.standard_params
+    monkeypatch.setattr(forms, "standard_params", lambda p: {**standard(p), "factor": 2 * p["factor"]})
+    bad = runner.invoke(app, ["export", str(tmp_path / "src"), str(tmp_path / "bad"), "--method", "yarn", "--factor",
+                              "4", "--verify"])
+    assert bad.exit_code == 1 and not (tmp_path / "bad").exists()
+    (line,) = [x for x in bad.stderr.splitlines() if x.startswith("verify")]
+    assert not bad.stdout.strip()
+    assert line.startswith("verify: FAILED — the exported model's outputs differ from the patched model's by ")

@@ -3,7 +3,7 @@
 Fast enough for every CI run (15.5k tokens, four lengths, five variants). The table it produces is the one in README and docs/results.md
 (regenerate it with ``longctx eval ppl --model ../shared/models/stories260K --text
 ../shared/data/tinystories/tinystories_valid_subset.txt --lengths 512,1024,2048,4096
---methods vanilla,pi,ntk,dynamic_ntk,yarn,selfextend,clex --max-windows 0 --param selfextend.group_size=16
+--compare vanilla,pi,ntk,dynamic_ntk,yarn,selfextend,clex --max-windows 0 --param selfextend.group_size=16
 --param selfextend.window=128``).
 """
 
