@@ -16,17 +16,33 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "patch": "api", "unpatch": "api", "patched": "api", "load": "api", "methods": "api", "inspect": "api",
+    "unpatch": "api", "patched": "api", "load": "api", "methods": "api", "inspect": "api",
     "is_patched": "api", "patch_info": "api", "PatchInfo": "api",
     "export": "export", "ExportResult": "export", "ExportError": "export",
     "v2pe_position_ids": "core.positions",
 }
-__all__ = sorted(_PUBLIC) + ["__version__"]
+__all__ = sorted([*_PUBLIC, "patch"]) + ["__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .api import PatchInfo, inspect, is_patched, load, methods, patch, patch_info, patched, unpatch
+    from .api import PatchInfo, inspect, is_patched, load, methods, patch_info, patched, unpatch
     from .core.positions import v2pe_position_ids
     from .export import ExportError, ExportResult, export
+
+
+def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> PatchInfo:
+    """Patch ``model`` in place with ``method`` (``longctx.api.patch``: its parameters, errors and guarantees).
+
+    ``method="auto"`` measures every method that applies at ``target_length`` first and applies the best
+    (``longctx.eval.recommend.auto_patch``; ``text=``, ``budget_s=`` …); the returned ``PatchInfo.evidence`` holds
+    what was measured.
+    """
+    if method == "auto":
+        from .eval.recommend import auto_patch
+
+        return auto_patch(model, tokenizer=tokenizer, **params)
+    from .api import patch as patch_one
+
+    return patch_one(model, method, tokenizer=tokenizer, **params)
 
 
 def __getattr__(name: str) -> Any:

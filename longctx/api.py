@@ -61,6 +61,9 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
             and what is allowed), or a method that does not fit the model; ``TypeError``: an unknown parameter.
             The model is unchanged in every case.
     """
+    if method == "auto":
+        raise ValueError("'auto' chooses a method by measuring the candidates: call longctx.patch(model, 'auto', "
+                         "target_length=N) (the package-level function), or run 'longctx recommend'")
     spec = resolve_method(model, method)
     cfg = spec.make_config(**params)
     hf = unwrap(model)

@@ -352,6 +352,7 @@ class PatchInfo:
     factor: float | None
     layer_types: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] | None = None  # what chose the method (``longctx.patch(model, "auto", …)``)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""The ``longctx`` command line (floor 5), one module per command: ``methods``, ``inspect``, ``export``,
+"""The ``longctx`` command line (floor 5), one module per command: ``methods``, ``inspect``, ``export``, ``recommend``,
 ``eval {ppl,retrieval,passkey,needle}``.
 
 Every command checks its whole input first — method names, parameters (names and values, against the method's own
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from . import evaluate, export, inspect_model, methods  # noqa: F401  (each registers its command)
+from . import evaluate, export, inspect_model, methods, recommend  # noqa: F401  (each registers its command)
 from .common import app, eval_app
 
 __all__ = ["app", "eval_app", "main"]

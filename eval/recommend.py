@@ -1,0 +1,212 @@
+"""Which method, with which parameters, for this model at this length? A short, bounded sweep with the evidence.
+
+:func:`recommend` patches the model with every method that applies to it — each variant the method declares
+(``Method.examples``, retargeted to the length asked for) — and measures, at the target length N:
+
+* decoders: perplexity on one window of N tokens of a text (the bundled *Emma* by default) and passkey retrieval
+  by generation at three depths; ranked by passkey accuracy, then perplexity;
+* embedding models: LongEmbed's synthetic passkey and needle retrieval at N (``docs`` documents each); ranked by
+  their mean top-1 accuracy, then passkey.
+
+The model as it is (``vanilla`` / ``truncate``) is measured first, as the reference. A time budget bounds the run:
+once the next candidate would pass it (estimated from the slowest one so far), the rest are listed as not measured.
+:func:`auto_patch` (``longctx.patch(model, "auto", target_length=N)``) applies the winner and keeps the evidence
+in its ``PatchInfo``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Recommendation", "candidates", "recommend", "auto_patch"]
+
+
+@dataclass
+class Recommendation:
+    """The ranked evidence of :func:`recommend`."""
+
+    target_length: int
+    trained_length: int
+    kind: str  # "decoder" | "encoder"
+    measured: dict[str, Any]  # what each candidate was measured on (lengths, tokens, trials, documents)
+    rows: list[dict[str, Any]]  # one per candidate measured, best first; the reference row has rank None
+    not_measured: list[dict[str, Any]] = field(default_factory=list)  # candidates the budget left out
+    seconds: float = 0.0
+
+    @property
+    def winner(self) -> dict[str, Any]:
+        return next(r for r in self.rows if r["rank"] == 1)
+
+    def patch_line(self) -> str:
+        """The one line that applies the winner."""
+        args = "".join(f", {k}={v!r}" for k, v in self.winner["params"].items())
+        return f'longctx.patch(model, "{self.winner["method"]}"{args})'
+
+    def export_line(self, model: str, out: str = "OUT") -> str:
+        """The export command of the winner."""
+        params = dict(self.winner["params"])
+        target = params.pop("target_length", self.target_length)
+        extra = "".join(f" --param {k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in params.items())
+        return f"longctx export {model} {out} --method {self.winner['method']} --target-length {target}{extra}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "winner": self.winner}
+
+
+def candidates(model: Any, target_length: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every method that applies to ``model`` with each variant it declares, patched to ``target_length``."""
+    import longctx
+    from longctx.patches import registry
+
+    info = longctx.inspect(model)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for spec in registry.values():
+        if not spec.applies_to(info):
+            continue
+        for example in spec.examples(info.trained_length):
+            params = {k: v for k, v in example.items() if k not in ("factor", "target_length", "max_factor")}
+            if "max_factor" in example:  # a method sized by its largest factor (CLEX): the one N needs
+                params["max_factor"] = max(2, -(-target_length // info.trained_length))
+            params["target_length"] = target_length
+            if (spec.name, params) not in out:
+                out.append((spec.name, params))
+    return out
+
+
+def _decoder_evidence(model: Any, tokenizer: Any, ids: Any, n: int, depths: list[float]) -> dict[str, Any]:
+    from .passkey import passkey_grid
+    from .perplexity import perplexity
+
+    ppl = perplexity(model, ids, n, max_windows=1, progress=False)
+    trials = passkey_grid(model, tokenizer, [n - 16], depths, progress=False)
+    return {"ppl": ppl.ppl, "passkey": sum(t.correct for t in trials) / len(trials)}
+
+
+def _encoder_evidence(embedder: Any, tasks: list[Any]) -> dict[str, Any]:
+    from .retrieval import evaluate
+
+    scores = {task.name: evaluate(embedder, task, ks=(1,))[0]["ndcg@1"] for task in tasks}
+    return {**scores, "retrieval": sum(scores.values()) / len(scores)}
+
+
+def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: str | None = None,
+              budget_s: float = 600.0, docs: int = 8, methods: list[str] | None = None,
+              log: Any = None) -> Recommendation:
+    """Measure every candidate (:func:`candidates`, or only ``methods``) at ``target_length`` and rank them.
+
+    ``text``: the decoder's perplexity text (default: the bundled *Emma*); ``budget_s``: seconds the sweep may take
+    (the reference and the first candidate always run); ``docs``: documents per synthetic retrieval task (encoders);
+    ``log(line)``: called with one line per finished candidate.
+    """
+    import longctx
+    from longctx.models import unwrap
+
+    from .synthetic import default_haystack
+
+    start = time.perf_counter()
+    info = longctx.inspect(model)
+    trained, n = info.trained_length, int(target_length)
+    if n <= trained:
+        raise ValueError(f"target_length ({n}) must be longer than the trained length ({trained})")
+    todo, skipped = [], []
+    for method, params in candidates(model, n):  # each tried before any measurement: a variant that cannot reach
+        if methods is not None and method not in methods:  # N (a fixed window or group) is listed, not run
+            continue
+        try:
+            with longctx.patched(model, method, tokenizer=tokenizer, **params):
+                pass
+            todo.append((method, params))
+        except ValueError as e:
+            skipped.append({"method": method, "params": params, "why": " ".join(str(e).split())})
+    if not todo:
+        raise ValueError(f"no method applies to this model at {n} tokens"
+                         f"{' among ' + ', '.join(methods) if methods else ''}"
+                         + "".join(f"; {s['method']}: {s['why']}" for s in skipped))
+    log = log or (lambda line: None)
+    depths = [0.25, 0.5, 0.75]
+    if info.kind == "decoder":
+        from .perplexity import token_ids
+
+        if tokenizer is None:
+            raise ValueError("a decoder needs its tokenizer to be measured (perplexity and passkey)")
+        ids = token_ids(tokenizer, text if text is not None else default_haystack())
+        if ids.numel() < n:
+            raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {n}")
+        measured = {"perplexity": f"one window of {n} tokens", "passkey": f"generation at {n - 16} tokens, depths "
+                    f"{depths}, one trial each", "rank_by": "passkey accuracy, then perplexity"}
+        reference = "vanilla"
+
+        def evidence() -> dict[str, Any]:
+            return _decoder_evidence(unwrap(model), tokenizer, ids, n, depths)
+
+        def order(row: dict) -> tuple:
+            return (-row["passkey"], row["ppl"])
+    else:
+        from .retrieval import Embedder
+        from .synthetic import needle_task, passkey_task
+
+        embedder = Embedder(model, tokenizer, batch_size=1, show_progress=False)
+        tasks = [passkey_task(embedder.count_tokens, [n - 2], docs), needle_task(embedder.count_tokens, [n - 2], docs)]
+        measured = {"retrieval": f"LongEmbed passkey and needle at {n} tokens, {docs} documents each (top-1 = "
+                    "nDCG@1)", "rank_by": "mean top-1 accuracy, then passkey"}
+        reference = "truncate"
+        limit = getattr(model, "max_seq_length", None)
+
+        def evidence() -> dict[str, Any]:
+            embedder.clear()
+            return _encoder_evidence(embedder, tasks)
+
+        def order(row: dict) -> tuple:
+            return (-row["retrieval"], -row["passkey"])
+
+    rows, slowest = [], 0.0
+    t0 = time.perf_counter()
+    if reference == "truncate" and limit is not None:
+        model.max_seq_length = trained
+    try:
+        rows.append({"method": reference, "params": {}, **evidence(), "seconds": time.perf_counter() - t0})
+    finally:
+        if reference == "truncate" and limit is not None:
+            model.max_seq_length = limit
+    log(_line(rows[-1]))
+    for method, params in todo:
+        spent = time.perf_counter() - start
+        if rows[1:] and spent + slowest > budget_s:
+            skipped.append({"method": method, "params": params, "why": f"budget ({budget_s:.0f} s) reached"})
+            continue
+        t0 = time.perf_counter()
+        with longctx.patched(model, method, tokenizer=tokenizer, **params):
+            row = {"method": method, "params": params, **evidence()}
+        row["seconds"] = time.perf_counter() - t0
+        slowest = max(slowest, row["seconds"])
+        rows.append(row)
+        log(_line(row))
+    ranked = sorted(rows[1:], key=order)
+    for i, row in enumerate(ranked, 1):
+        row["rank"] = i
+    rows[0]["rank"] = None
+    return Recommendation(n, trained, info.kind, measured, [*ranked, rows[0]], skipped,
+                          time.perf_counter() - start)
+
+
+def _line(row: dict) -> str:
+    values = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+    params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "target_length")
+    return f"{row['method']}{f' ({params})' if params else ''}: {values} [{row['seconds']:.0f} s]"
+
+
+def auto_patch(model: Any, *, target_length: int, tokenizer: Any = None, text: str | None = None,
+               budget_s: float = 600.0, **options: Any) -> Any:
+    """``longctx.patch(model, "auto", target_length=N)``: :func:`recommend`, then the winner applied; its
+    ``PatchInfo.evidence`` holds the recommendation (what was measured, every candidate's figures)."""
+    import longctx
+
+    found = recommend(model, target_length, tokenizer=tokenizer, text=text, budget_s=budget_s, **options)
+    winner = found.winner
+    info = longctx.patch(model, winner["method"], tokenizer=tokenizer, **winner["params"])
+    info.evidence = found.to_dict()
+    info.notes.append(f"chosen by longctx.recommend at {target_length} tokens: {_line(winner)}")
+    return info

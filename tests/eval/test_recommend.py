@@ -1,0 +1,103 @@
+"""``longctx recommend`` / ``longctx.patch(model, "auto")``: every applicable variant measured at N, ranked by its
+evidence, bounded by a budget, the winner applied with the evidence kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, TRAINED, build_bert, build_sentence_transformer
+from typer.testing import CliRunner
+
+import longctx
+from longctx.cli import app
+from longctx.eval.recommend import candidates, recommend
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    from longctx.loading import load_model
+
+    return load_model(str(stories_path))
+
+
+@pytest.fixture(scope="module")
+def tinystories_text(stories_path):
+    return (REPO.parent / "shared" / "data" / "tinystories" / "tinystories_a.txt").read_text()
+
+
+def test_candidates_are_every_applicable_variant_retargeted(stories):
+    found = candidates(stories.model, 2048)
+    names = {m for m, _ in found}
+    assert {"pi", "ntk", "dynamic_ntk", "yarn", "selfextend", "dca", "rerope", "clex"} <= names
+    assert "grouped" not in names and "v2pe" not in names  # absolute / vision-language methods do not apply
+    assert all(p["target_length"] == 2048 and "factor" not in p for _, p in found)
+    assert ("dynamic_ntk", {"cache_consistent": True, "target_length": 2048}) in found
+    assert ("clex", {"max_factor": 4, "target_length": 2048}) in found  # sized to reach N
+
+
+def test_recommend_ranks_by_the_evidence_and_auto_applies_the_winner(stories, tinystories_text):
+    model, tok = stories.model, stories.tokenizer
+    found = recommend(model, 1024, tokenizer=tok, text=tinystories_text, methods=["pi", "yarn", "ntk"])
+    ranked = [r for r in found.rows if r["rank"] is not None]
+    assert [r["rank"] for r in ranked] == [1, 2, 3] and found.rows[-1]["method"] == "vanilla"
+    keys = [(-r["passkey"], r["ppl"]) for r in ranked]
+    assert keys == sorted(keys)  # passkey accuracy first, then perplexity
+    assert found.measured["perplexity"] == "one window of 1024 tokens" and not longctx.is_patched(model)
+    winner = found.winner
+    assert found.patch_line().startswith(f'longctx.patch(model, "{winner["method"]}"')
+    assert found.export_line("stories") == f"longctx export stories OUT --method {winner['method']} --target-length 1024"
+    # auto: the same sweep, the winner applied, the evidence kept on the patch
+    info = longctx.patch(model, "auto", target_length=1024, tokenizer=tok, text=tinystories_text,
+                         methods=["pi", "yarn", "ntk"])
+    try:
+        assert info.method == winner["method"] and info.target_length == 1024
+        assert longctx.patch_info(model).evidence["winner"]["method"] == winner["method"]
+        assert [r["ppl"] for r in info.evidence["rows"]] == pytest.approx([r["ppl"] for r in found.rows])
+        assert any(n.startswith("chosen by longctx.recommend at 1024 tokens") for n in info.notes)
+    finally:
+        longctx.unpatch(model)
+
+
+def test_the_budget_bounds_the_sweep_and_says_what_it_left_out(stories, tinystories_text):
+    found = recommend(stories.model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, budget_s=0.01,
+                      methods=["pi", "yarn", "ntk"])
+    assert len(found.rows) == 2  # the reference and the first candidate always run
+    assert [s["method"] for s in found.not_measured] == ["ntk", "yarn"]
+    assert all("budget" in s["why"] for s in found.not_measured)
+
+
+def test_a_variant_that_cannot_reach_n_is_listed_not_run(stories, tinystories_text):
+    found = recommend(stories.model, 4096, tokenizer=stories.tokenizer, text=tinystories_text,
+                      methods=["selfextend"], budget_s=0.01)
+    (fixed,) = [s for s in found.not_measured if s["params"].get("group_size") == 4]
+    assert "reach at most" in fixed["why"]
+    assert found.winner["method"] == "selfextend" and found.winner["params"]["shift"] == "float"
+
+
+def test_recommend_on_an_embedding_model(tmp_path):
+    st = build_sentence_transformer(build_bert(), tmp_path / "st")
+    found = recommend(st, 2 * TRAINED, docs=3, methods=["grouped", "pcw"])
+    assert found.kind == "encoder" and found.rows[-1]["method"] == "truncate"
+    assert {"passkey", "needle", "retrieval"} <= set(found.winner)
+    keys = [(-r["retrieval"], -r["passkey"]) for r in found.rows if r["rank"]]
+    assert keys == sorted(keys) and st.max_seq_length == TRAINED  # the model left as found
+
+
+def test_recommend_command_answers_bad_input_before_any_work(stories_path, tmp_path):
+    low = runner.invoke(app, ["recommend", str(stories_path), "--target-length", "256"])
+    assert low.exit_code == 2 and "must be longer than" in low.output and "trained length (512)" in low.output
+    unknown = runner.invoke(app, ["recommend", str(stories_path), "--target-length", "1024", "--compare", "yarnn"])
+    assert unknown.exit_code == 2 and "yarnn" in unknown.output
+
+
+def test_recommend_command_prints_the_table_and_the_winner(stories_path, tmp_path):
+    text = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_a.txt"
+    result = runner.invoke(app, ["recommend", str(stories_path), "--target-length", "1024", "--compare", "pi,yarn",
+                                 "--text", str(text), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "recommendation.json").read_text())
+    assert saved["patch"] in result.output and saved["export"] in result.output
+    assert "longctx recommend — stories260K at 1024 tokens" in " ".join(result.output.split())
