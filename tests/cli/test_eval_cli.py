@@ -61,6 +61,22 @@ def test_retrieval_real_task_from_directory(tmp_path):
         ("grouped", 16, False), ("grouped", 1024, True), ("truncate", 16, False), ("truncate", 1024, False)]
     assert (tmp_path / "n" / "task_ndcg10.png").stat().st_size > 0
 
+    # LongEmbed's summary: the synthetic tasks beside the real one, per task and averaged
+    result = runner.invoke(app, ["eval", "retrieval", "--data", str(data), "--tasks", "passkey,needle", "--lengths",
+                                 "64,256", "--docs", "2", "--compare", "truncate,grouped", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "LongEmbed summary (%)" in result.output
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    summary = {r["method"]: r for r in saved["summary"]}
+    rows = saved["rows"]
+    for m in ("truncate", "grouped"):
+        passkey = [r["ndcg@1"] for r in rows if r["method"] == m and r["task"] == "passkey"]
+        assert summary[m]["passkey"] == pytest.approx(sum(passkey) / len(passkey))
+        assert summary[m]["task"] == next(r["ndcg@10"] for r in rows if r["method"] == m and r["task"] == "task")
+        assert summary[m]["average"] == pytest.approx((summary[m]["passkey"] + summary[m]["needle"]
+                                                       + summary[m]["task"]) / 3)
+    assert (tmp_path / "s" / "summary.csv").read_text().startswith("method,passkey,needle,task,average")
+
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "summaries"], "unknown synthetic task"),
