@@ -67,7 +67,7 @@ def curves(rows: Sequence[dict], path: str | Path, *, metric: str, title: str, t
 
     Lengths on a log axis labelled with the lengths themselves; each method its own marker and line style, nudged
     sideways a little so equal values do not hide each other; the legend outside the data; ``percent``: values
-    × 100 on a 0-100 axis (the unit of the tables)."""
+    × 100 (the unit of the tables) on an axis spanning the data within 0-100."""
     plt = _pyplot()
     by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
@@ -87,8 +87,11 @@ def curves(rows: Sequence[dict], path: str | Path, *, metric: str, title: str, t
         ax.minorticks_off()
     if log_y:
         ax.set_yscale("log")
-    if percent:
-        ax.set_ylim(0, 102)
+    values = [v for points in by_method.values() for _, v in points]
+    if percent and values:  # the data's range, padded, never below 0 % nor above 100 %
+        lo, hi = min(values), max(values)
+        pad = max(2.0, 0.1 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(102.0, hi + pad))
     if trained_length is not None:
         ax.axvline(trained_length, color="black", linestyle="--", linewidth=1, label=f"trained {trained_length}")
     ax.set_xlabel("length (tokens)")

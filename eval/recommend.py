@@ -16,7 +16,6 @@ in its ``PatchInfo``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,7 +48,7 @@ class Recommendation:
         """The export command of the winner."""
         params = dict(self.winner["params"])
         target = params.pop("target_length", self.target_length)
-        extra = "".join(f" --param {k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in params.items())
+        extra = "".join(f" --param {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items())
         return f"longctx export {model} {out} --method {self.winner['method']} --target-length {target}{extra}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -437,8 +437,9 @@ def _write_summary_csv(path: Path, summary: list[dict]) -> None:
 
 
 def _model_name(spec: str) -> str:
-    """A model's name for titles: the directory's name rather than its path."""
-    return Path(spec).name if ("/" in spec or Path(spec).exists()) else spec
+    """A model's name for titles: the directory's name rather than its path (the embedded models by name)."""
+    named = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
+    return named.get(spec) or (Path(spec).name if ("/" in spec or Path(spec).exists()) else spec)
 
 
 # --- passkey / needle --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .evaluate import _model_name
 from .common import (DEFAULT_TEXT, app, check_out, console, fail, load_model, methods_list, model_spec, positive,
                      read_text, text_source)
 
@@ -72,7 +73,7 @@ def _table(found, model: str) -> None:
     from rich.table import Table
 
     metrics = [k for k in found.rows[0] if isinstance(found.rows[0][k], float) and k != "seconds"]
-    name = Path(model).name if "/" in model else model
+    name = _model_name(model)
     table = Table(title=f"longctx recommend — {name} at {found.target_length} tokens (trained {found.trained_length})",
                   caption="; ".join(f"{k}: {v}" for k, v in found.measured.items()))
     for col in ("rank", "method", "parameters", *metrics, "seconds"):

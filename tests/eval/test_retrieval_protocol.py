@@ -109,7 +109,7 @@ def test_curves_in_percent_with_numeric_length_ticks(tmp_path, monkeypatch):
     plots.curves(rows, tmp_path / "x.png", metric="acc", title="t", trained_length=512, percent=True)
     ax = seen["fig"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["256", "4096"]
-    assert ax.get_ylim() == (0, 102) and ax.get_ylabel() == "acc (%)"
+    assert ax.get_ylim() == (0, 102) and ax.get_ylabel() == "acc (%)"  # the data span 0-100 %: no tick below 0
     lines = [line for line in ax.get_lines() if not line.get_label().startswith("trained")]
     assert max(lines[1].get_ydata()) == 100.0 and lines[0].get_marker() != lines[1].get_marker()
     assert lines[0].get_xdata()[0] != lines[1].get_xdata()[0]  # nudged apart: equal values stay visible
