@@ -41,7 +41,6 @@ def recommend_cmd(
 
     import longctx
     from longctx.eval.recommend import recommend
-    from longctx.eval.runner import InvalidSweep
 
     loaded = load_model(model)
     trained = longctx.inspect(loaded.model).trained_length
@@ -53,8 +52,6 @@ def recommend_cmd(
         found = recommend(loaded.model, target_length, tokenizer=loaded.tokenizer,
                           text=read_text(text) if loaded.kind == "decoder" else None, budget_s=budget, docs=docs,
                           methods=methods, log=lambda line: typer.echo(f"  {line}"))
-    except InvalidSweep:
-        raise
     except ValueError as e:
         fail(str(e))
     data = {**found.to_dict(), "model": model, "patch": found.patch_line(), "export": found.export_line(model)}
