@@ -376,7 +376,8 @@ def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool
         for task in dict.fromkeys(r["task"] for r in rows):
             task_rows = [r for r in rows if r["task"] == task]
             lengths = sorted({r["length"] for r in task_rows})
-            table = Table(title=f"{task} retrieval, top-1 accuracy % (nDCG@1) — {model}, trained {trained}")
+            table = Table(title=f"{task} retrieval, top-1 accuracy % (nDCG@1) — {_model_name(model)}, "
+                                f"trained {trained}")
             table.add_column("method")
             for n in lengths:
                 table.add_column(str(n), justify="right")
@@ -386,7 +387,7 @@ def _print_retrieval(rows: list[dict], model: str, trained: int, synthetic: bool
                 table.add_row(m, *[f"{100 * acc[n]:.0f}" for n in lengths], f"{100 * sum(acc.values()) / len(acc):.1f}")
             console.print(table)
         return
-    table = Table(title=f"retrieval — {model}")
+    table = Table(title=f"retrieval — {_model_name(model)}")
     for col in ("task", "method", "nDCG@10", "nDCG@1", "recall@10", "queries"):
         table.add_column(col, justify="right")
     for r in rows:
