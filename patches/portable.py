@@ -19,7 +19,7 @@ sources); the values a method sets are chosen so that every transformers release
   length, and transformers 4.51–4.57 derives the factor from ``max_position_embeddings / original`` when the key is
   there (both silently wrong with the other choices); transformers 5 and vLLM 0.12–0.29 take the top-level key.
   The reading the newest vLLM wants instead (``max_position_embeddings`` = the target) is an export option
-  (``config_for="vllm"``, ``longctx.export.forms``);
+  (``config_for="vllm"``: :func:`write_reading`; :data:`READERS` says who reads which as meant);
 * a plain θ change (``ntk``): the target.
 """
 
@@ -28,8 +28,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["NotStandard", "plain", "read_rope", "reads_back", "legacy_params", "legacy_layout", "layout_for", "write_legacy_layout",
-           "portable_configs", "LEGACY_KEYS", "NO_LAYOUT"]
+__all__ = ["NotStandard", "plain", "read_rope", "reads_back", "legacy_params", "legacy_layout", "layout_for",
+           "write_legacy_layout", "portable_configs", "LEGACY_KEYS", "NO_LAYOUT", "CONFIG_FOR", "READERS",
+           "reader_notes", "write_reading"]
 
 LEGACY_KEYS = ("rope_scaling", "rope_theta")  # the 4.x layout (with partial_rotary_factor and ALIASES where they apply)
 
@@ -135,3 +136,54 @@ def portable_configs(model: Any, layer_types: list[str] | None = None) -> list[s
     configs = {id(r.config): r.config for r in find_rotary_modules(model)}
     return [note for config in configs.values() if getattr(config, "rope_parameters", None)
             for note in write_legacy_layout(config, layer_types)]
+
+
+CONFIG_FOR = ("transformers", "vllm")  # the readings an export chooses between where one config cannot serve both
+
+
+def write_reading(config: dict, rope_type: str, config_for: str, trained: int, target: int) -> None:
+    """Turn a config.json written in the transformers reading (the patched config's) into ``config_for``'s, in place:
+    for ``yarn``, vLLM's (``max_position_embeddings`` = the target, the trained length inside ``rope_scaling`` as
+    vLLM ≤ 0.11 requires). Every other rope type has one reading."""
+    if config_for not in CONFIG_FOR:
+        raise ValueError(f"config_for must be one of {list(CONFIG_FOR)}, got {config_for!r}")
+    if config_for == "vllm" and rope_type == "yarn":
+        config["max_position_embeddings"] = target
+        if config.get("rope_scaling"):
+            config["rope_scaling"]["original_max_position_embeddings"] = trained
+
+
+# Which runtimes read each rope type as longctx means it (docs/export.md has the table; the transformers side is
+# measured by bench/export_compat.py, the vLLM side read from vLLM's get_rope / _get_and_verify_max_len / config
+# patching, releases 0.6 … 0.33).
+READERS = {
+    ("linear", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.6 … 0.33 (serves "
+                                "max_position_embeddings × factor)",
+    ("default", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.6 … 0.33 (a plain rope_theta)",
+    ("dynamic", "transformers"): "reads the same in transformers 4.45 … 5.x; vLLM ≤ 0.21 applies it statically at "
+                                 "the full target (short inputs differ from transformers); vLLM 0.22 … 0.33 takes "
+                                 "both its lengths from max_position_embeddings on Llama-family models and applies "
+                                 "no scaling: do not serve it there (use yarn or pi)",
+    ("yarn", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.12 … 0.29; vLLM ≤ 0.11 stops with "
+                              "KeyError 'original_max_position_embeddings' and vLLM ≥ 0.30 serves only the trained "
+                              "length: for those, export with config_for='vllm' (--config-for vllm)",
+    ("yarn", "vllm"): "reads the same in vLLM 0.6 … 0.33 and transformers 4.51 … 5.x; transformers ≤ 4.50 takes "
+                      "max_position_embeddings as the trained length and reads wrong frequencies without an error: "
+                      "for those, export with config_for='transformers' (the default)",
+}
+
+
+def reader_notes(kind: str, config_for: str, params: dict) -> list[str]:
+    """The card's line on which runtimes read this config as longctx means it."""
+    line = READERS.get((kind, config_for)) or READERS.get((kind, "transformers"))
+    notes = [f"this config {line}"] if line else []
+    if config_for == "vllm" and kind != "yarn":
+        notes.append("config_for='vllm' changes nothing for this rope type: one config serves every runtime")
+    if kind == "yarn" and (any(k in params for k in ("attention_factor", "mscale", "mscale_all_dim"))
+                           or params.get("truncate") is False):
+        notes.append("vLLM ≤ 0.29 ignores attention_factor / mscale / mscale_all_dim (vLLM ≤ 0.11 also truncate) "
+                     "and uses the default temperature 0.1·ln(factor) + 1")
+    if kind == "dynamic":
+        notes.append("vLLM and SGLang apply dynamic NTK statically at the full target length (their rotary cache "
+                     "is fixed); transformers recomputes it per sequence length, so short inputs differ between them")
+    return notes

@@ -17,14 +17,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from longctx.patches.portable import LEGACY_KEYS, NO_LAYOUT, NotStandard, layout_for, legacy_params, plain, reads_back
+from longctx.patches.portable import (CONFIG_FOR, LEGACY_KEYS, NO_LAYOUT, READERS, NotStandard, layout_for,
+                                      legacy_params, plain, reader_notes, reads_back, write_reading)
 
 from .files import SKIP_DIRS
 
 __all__ = ["standard_config", "standard_params", "NotStandard", "raised_limits", "CONFIG_FOR", "READERS"]
-
-
-CONFIG_FOR = ("transformers", "vllm")  # the readings config_for= chooses between, where one config cannot serve both
 
 
 def standard_params(params: dict) -> dict:
@@ -71,52 +69,13 @@ def standard_config(base: dict, patched: Any, info: Any, config_for: str = "tran
     main = legacy if legacy is not None else (rope[extended[0]] if extended else
                                               next(v for v in rope.values() if isinstance(v, dict)))
     kind = main["rope_type"]
-    if config_for == "vllm" and kind == "yarn":
-        config["max_position_embeddings"] = target
-        if config.get("rope_scaling"):
-            config["rope_scaling"]["original_max_position_embeddings"] = L
+    write_reading(config, kind, config_for, L, target)
     if not reads_back(config, rope):
         raise NotStandard(f"{base.get('model_type')}'s config class does not read {plain(rope)} back")
     notes += reader_notes(kind, config_for, main)
     keys = ("rope_parameters", "rope_scaling", "rope_theta", "max_position_embeddings",
             "original_max_position_embeddings")
     return config, {k: config[k] for k in keys if k in config}, notes
-
-
-# Which runtimes read each rope type as longctx means it (docs/export.md has the table; the transformers side is
-# measured by bench/export_compat.py, the vLLM side read from vLLM's get_rope / _get_and_verify_max_len / config
-# patching, releases 0.6 … 0.33).
-READERS = {
-    ("linear", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.6 … 0.33 (serves "
-                                "max_position_embeddings × factor)",
-    ("default", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.6 … 0.33 (a plain rope_theta)",
-    ("dynamic", "transformers"): "reads the same in transformers 4.45 … 5.x; vLLM ≤ 0.21 applies it statically at "
-                                 "the full target (short inputs differ from transformers); vLLM 0.22 … 0.33 takes "
-                                 "both its lengths from max_position_embeddings on Llama-family models and applies "
-                                 "no scaling: do not serve it there (use yarn or pi)",
-    ("yarn", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.12 … 0.29; vLLM ≤ 0.11 stops with "
-                              "KeyError 'original_max_position_embeddings' and vLLM ≥ 0.30 serves only the trained "
-                              "length: for those, export with config_for='vllm' (--config-for vllm)",
-    ("yarn", "vllm"): "reads the same in vLLM 0.6 … 0.33 and transformers 4.51 … 5.x; transformers ≤ 4.50 takes "
-                      "max_position_embeddings as the trained length and reads wrong frequencies without an error: "
-                      "for those, export with config_for='transformers' (the default)",
-}
-
-
-def reader_notes(kind: str, config_for: str, params: dict) -> list[str]:
-    """The card's line on which runtimes read this config as longctx means it."""
-    line = READERS.get((kind, config_for)) or READERS.get((kind, "transformers"))
-    notes = [f"this config {line}"] if line else []
-    if config_for == "vllm" and kind != "yarn":
-        notes.append("config_for='vllm' changes nothing for this rope type: one config serves every runtime")
-    if kind == "yarn" and (any(k in params for k in ("attention_factor", "mscale", "mscale_all_dim"))
-                           or params.get("truncate") is False):
-        notes.append("vLLM ≤ 0.29 ignores attention_factor / mscale / mscale_all_dim (vLLM ≤ 0.11 also truncate) "
-                     "and uses the default temperature 0.1·ln(factor) + 1")
-    if kind == "dynamic":
-        notes.append("vLLM and SGLang apply dynamic NTK statically at the full target length (their rotary cache "
-                     "is fixed); transformers recomputes it per sequence length, so short inputs differ between them")
-    return notes
 
 
 def raised_limits(folder: Path, target: int) -> dict[Path, dict]:
