@@ -102,7 +102,9 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
     """
     import longctx
     from longctx.models import unwrap
+    from longctx.patches import get_method
 
+    from .runner import params_key
     from .synthetic import default_haystack
 
     start = time.perf_counter()
@@ -138,7 +140,7 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
                     f"{depths}, one trial each", "rank_by": "passkey accuracy, then perplexity"}
         reference = "vanilla"
 
-        def evidence() -> dict[str, Any]:
+        def evidence(applied: Any) -> dict[str, Any]:
             return _decoder_evidence(unwrap(model), tokenizer, ids, n, depths)
 
         def order(row: dict) -> tuple:
@@ -154,8 +156,14 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
         reference = "truncate"
         limit = getattr(model, "max_seq_length", None)
 
-        def evidence() -> dict[str, Any]:
-            embedder.clear()
+        def evidence(applied: Any) -> dict[str, Any]:
+            """The queries (and any text within the trained length, under a method that leaves such inputs as they
+            were) are encoded once for every candidate: the retrieval eval's scopes."""
+            if applied is None:
+                embedder.use("reference", trained)
+            else:
+                exact = get_method(applied.method).unchanged_within
+                embedder.use(f"{applied.method} {params_key(applied.params)}", trained if exact else None)
             return _encoder_evidence(embedder, tasks)
 
         def order(row: dict) -> tuple:
@@ -166,7 +174,7 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
     if reference == "truncate" and limit is not None:
         model.max_seq_length = trained
     try:
-        rows.append({"method": reference, "params": {}, **evidence(), "seconds": time.perf_counter() - t0})
+        rows.append({"method": reference, "params": {}, **evidence(None), "seconds": time.perf_counter() - t0})
     finally:
         if reference == "truncate" and limit is not None:
             model.max_seq_length = limit
@@ -177,8 +185,8 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
             skipped.append({"method": method, "params": params, "why": f"budget ({budget_s:.0f} s) reached"})
             continue
         t0 = time.perf_counter()
-        with longctx.patched(model, method, tokenizer=tokenizer, **params):
-            row = {"method": method, "params": params, **evidence()}
+        with longctx.patched(model, method, tokenizer=tokenizer, **params) as applied:
+            row = {"method": method, "params": params, **evidence(applied)}
         row["seconds"] = time.perf_counter() - t0
         slowest = max(slowest, row["seconds"])
         rows.append(row)

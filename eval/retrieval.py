@@ -219,7 +219,6 @@ def retrieval_grid(
     if max_lengths:
         rows = sweep(model, methods, list(max_lengths), run, target="each", skip_within=trained, within="unpatched",
                      method_params=method_params, baseline=truncated)
-        # a row per length: the sweep's rows come per method; the length column says which cut they read
     else:
         rows = sweep(model, methods, [None], run, target=target, method_params=method_params, baseline=truncated)
     for row in rows:  # the parameters as a dict (JSON-able) for the results file
