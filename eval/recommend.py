@@ -98,8 +98,29 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
 
     ``text``: the decoder's perplexity text (default: the bundled *Emma*); ``budget_s``: seconds the sweep may take
     (the reference and the first candidate always run); ``docs``: documents per synthetic retrieval task (encoders);
-    ``log(line)``: called with one line per finished candidate.
+    ``log(line)``: called with one line per finished candidate. A patched model is measured without its patch (the
+    reference is the model as trained), which comes back afterwards. Bad arguments raise ``ValueError`` before any
+    measurement.
     """
+    from longctx.api import unpatched
+    from longctx.patches import registry
+
+    start = time.perf_counter()
+    if isinstance(target_length, bool) or not isinstance(target_length, int):
+        raise ValueError(f"target_length must be an integer number of tokens, got {target_length!r}")
+    if not budget_s > 0:
+        raise ValueError(f"budget_s must be a number of seconds > 0, got {budget_s!r}")
+    if isinstance(docs, bool) or not isinstance(docs, int) or docs < 2:
+        raise ValueError(f"docs must be an integer >= 2 (documents per retrieval task), got {docs!r}")
+    unknown = [m for m in methods or [] if m not in registry]
+    if unknown:
+        raise ValueError(f"methods: unknown method(s) {unknown}; available: {', '.join(registry)}")
+    with unpatched(model):  # measured from the model as it was trained; a patch it had comes back afterwards
+        return _recommend(model, target_length, tokenizer, text, budget_s, docs, methods, log, start)
+
+
+def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None, budget_s: float, docs: int,
+               methods: list[str] | None, log: Any, start: float) -> Recommendation:
     import longctx
     from longctx.models import unwrap
     from longctx.patches import get_method
@@ -107,7 +128,6 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
     from .runner import params_key
     from .synthetic import default_haystack
 
-    start = time.perf_counter()
     info = longctx.inspect(model)
     trained, n = info.trained_length, int(target_length)
     if n <= trained:
@@ -205,12 +225,14 @@ def _line(row: dict) -> str:
     return f"{row['method']}{f' ({params})' if params else ''}: {values} [{row['seconds']:.0f} s]"
 
 
-def auto_patch(model: Any, *, target_length: int, tokenizer: Any = None, text: str | None = None,
+def auto_patch(model: Any, *, target_length: int | None = None, tokenizer: Any = None, text: str | None = None,
                budget_s: float = 600.0, **options: Any) -> Any:
     """``longctx.patch(model, "auto", target_length=N)``: :func:`recommend`, then the winner applied; its
     ``PatchInfo.evidence`` holds the recommendation (what was measured, every candidate's figures)."""
     import longctx
 
+    if target_length is None:
+        raise ValueError("longctx.patch(model, 'auto') needs target_length=N: the context length to choose a method for")
     found = recommend(model, target_length, tokenizer=tokenizer, text=text, budget_s=budget_s, **options)
     winner = found.winner
     info = longctx.patch(model, winner["method"], tokenizer=tokenizer, **winner["params"])

@@ -20,7 +20,7 @@ def recommend_cmd(
     target_length: Annotated[int, typer.Option(help="The context length you need, in tokens.")],
     text: Annotated[str, typer.Option(help="Decoder: text for the perplexity (file or folder; 'emma' = the "
                                            "bundled public-domain text).")] = DEFAULT_TEXT,
-    budget: Annotated[float, typer.Option(help="Seconds the sweep may take; candidates past it are listed as not "
+    budget: Annotated[int, typer.Option(help="Seconds the sweep may take; candidates past it are listed as not "
                                                "measured (the reference and the first candidate always run).")] = 600,
     compare: Annotated[Optional[str], typer.Option(help="Only these methods (comma-separated; default: every "
                                                         "method that applies, each variant it declares).")] = None,

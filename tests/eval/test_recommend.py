@@ -101,3 +101,34 @@ def test_recommend_command_prints_the_table_and_the_winner(stories_path, tmp_pat
     saved = json.loads((tmp_path / "recommendation.json").read_text())
     assert saved["patch"] in result.output and saved["export"] in result.output
     assert "longctx recommend — stories260K at 1024 tokens" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "needs target_length=N"),
+    ({"target_length": "1024"}, "target_length must be an integer number of tokens, got '1024'"),
+    ({"target_length": 256}, r"target_length \(256\) must be longer than the trained length \(512\)"),
+    ({"target_length": 1024, "budget_s": -1}, "budget_s must be a number of seconds > 0, got -1"),
+    ({"target_length": 1024, "methods": ["yarnn"]}, r"unknown method\(s\) \['yarnn'\]; available: pi, ntk"),
+])
+def test_auto_refuses_bad_arguments_before_any_work_and_keeps_the_earlier_patch(stories, kwargs, message):
+    model = stories.model
+    longctx.patch(model, "pi", factor=2)
+    try:
+        with pytest.raises(ValueError, match=message):
+            longctx.patch(model, "auto", tokenizer=stories.tokenizer, **kwargs)
+        info = longctx.patch_info(model)
+        assert info.method == "pi" and info.target_length == 1024 and info.evidence is None
+    finally:
+        longctx.unpatch(model)
+
+
+def test_a_patched_model_is_measured_as_trained_and_keeps_its_patch(stories, tinystories_text):
+    model = stories.model
+    plain = recommend(model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["yarn"])
+    longctx.patch(model, "pi", factor=2)
+    try:
+        found = recommend(model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["yarn"])
+        assert [r["ppl"] for r in found.rows] == [r["ppl"] for r in plain.rows]  # the vanilla reference too
+        assert longctx.patch_info(model).method == "pi"
+    finally:
+        longctx.unpatch(model)
