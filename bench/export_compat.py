@@ -60,19 +60,40 @@ for case in jobs["cases"]:
 
 
 def venv_python(release: str, cache: Path = CACHE, log=lambda m: print(m, file=sys.stderr)) -> Path:
-    """The interpreter of a virtualenv holding transformers ``release`` (made on first use, reused after)."""
+    """The interpreter of a virtualenv holding transformers ``release`` (made on first use, reused after), which
+    sees this interpreter's packages (torch …) behind its own: a ``.pth`` file names this environment's
+    site-packages. (``venv --system-site-packages`` would expose the *base* interpreter's instead, which has no torch
+    when this one is itself a virtualenv.) A kept virtualenv is reused only if it was made for this environment and
+    still imports torch and the release; otherwise it is made again."""
+    import sysconfig
+
     folder = cache / f"transformers-{release}"
     python = folder / "bin" / "python"
-    if python.exists() and (folder / ".ready").exists():
+    parent = sysconfig.get_paths()["purelib"]
+    stamp = f"{release}\n{parent}\n"
+    ready = folder / ".ready"
+    if python.exists() and ready.exists() and ready.read_text() == stamp and _imports(python, release):
         return python
     log(f"  making a virtualenv for transformers {release} in {folder} ...")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(folder)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "_longctx_parent_env.pth").write_text(parent + "\n")
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                            f"transformers=={release}"], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"pip could not install transformers=={release} into {folder}:\n{done.stderr[-2000:]}")
-    (folder / ".ready").write_text(release)
+    if not _imports(python, release):
+        raise RuntimeError(f"{python} does not import torch and transformers {release} after its install")
+    ready.write_text(stamp)
     return python
+
+
+def _imports(python: Path, release: str) -> bool:
+    """``python`` imports torch and transformers ``release``."""
+    done = subprocess.run([str(python), "-c", "import torch, transformers; print(transformers.__version__)"],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    return done.returncode == 0 and done.stdout.strip() == release
 
 
 # tiny models of other families, built from their config (random weights: the logits compare readings, not quality)

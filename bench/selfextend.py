@@ -23,6 +23,7 @@ CHILD = r"""
 import json, os, statistics, sys, time, torch
 import longctx
 from longctx.loading import load_causal_lm
+from longctx.models import cache_kwarg, returned_cache
 variant, n, steps, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 model, _ = load_causal_lm("smollm2", device=None if device == "cpu" else device)
 trained = longctx.inspect(model).trained_length
@@ -40,10 +41,10 @@ with torch.no_grad():
     sync(); t = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # as generate() prefills
     sync(); prefill = time.perf_counter() - t
-    cache, token, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    cache, token, times = returned_cache(out), out.logits[:, -1:].argmax(-1), []
     for _ in range(steps):
         sync(); t = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
         sync(); times.append(time.perf_counter() - t)
         token = out.logits[:, -1:].argmax(-1)
 peak = torch.cuda.max_memory_allocated() if device != "cpu" else None

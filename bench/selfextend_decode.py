@@ -20,6 +20,7 @@ import torch
 
 import longctx
 from longctx.loading import load_causal_lm
+from longctx.models import cache_kwarg, returned_cache
 
 
 def main() -> None:
@@ -41,13 +42,13 @@ def main() -> None:
             caches = []
             for model in (vanilla, patched):
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                caches.append(out.past_key_values)
+                caches.append(returned_cache(out))
             token = out.logits[:, -1:].argmax(-1)
             times: list[list[float]] = [[], []]
             for _ in range(args.steps):
                 for i, model in enumerate((vanilla, patched)):
                     start = time.perf_counter()
-                    model(input_ids=token, past_key_values=caches[i], use_cache=True, logits_to_keep=1)
+                    model(input_ids=token, **{cache_kwarg(model): caches[i]}, use_cache=True, logits_to_keep=1)
                     times[i].append(time.perf_counter() - start)
         v, s = statistics.median(times[0]), statistics.median(times[1])
         print(f"{n:>8}{1e3 * v:>12.1f}{1e3 * s:>15.1f}{s / v:>7.2f}", flush=True)

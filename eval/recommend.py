@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Recommendation", "candidates", "recommend", "auto_patch"]
+__all__ = ["Recommendation", "candidates", "recommend", "auto_patch", "NoImprovement"]
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Recommendation:
     rows: list[dict[str, Any]]  # one per candidate measured, best first; the reference row has rank None
     not_measured: list[dict[str, Any]] = field(default_factory=list)  # candidates the budget left out
     seconds: float = 0.0
+    improves: bool = True  # the winner measured better than the model as it is (the reference row)
 
     @property
     def winner(self) -> dict[str, Any]:
@@ -214,15 +215,26 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
     ranked = sorted(rows[1:], key=order)
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
+        row["beats_reference"] = order(row) < order(rows[0])
     rows[0]["rank"] = None
+    improves = bool(ranked) and ranked[0]["beats_reference"]
     return Recommendation(n, trained, info.kind, measured, [*ranked, rows[0]], skipped,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, improves)
 
 
 def _line(row: dict) -> str:
     values = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
     params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "target_length")
     return f"{row['method']}{f' ({params})' if params else ''}: {values} [{row['seconds']:.0f} s]"
+
+
+class NoImprovement(RuntimeError):
+    """``longctx.patch(model, "auto")`` measured no candidate better than the model as it is; the model is left as it
+    was. ``recommendation``: what was measured."""
+
+    def __init__(self, message: str, recommendation: Recommendation) -> None:
+        super().__init__(message)
+        self.recommendation = recommendation
 
 
 def auto_patch(model: Any, *, target_length: int | None = None, tokenizer: Any = None, text: str | None = None,
@@ -234,6 +246,14 @@ def auto_patch(model: Any, *, target_length: int | None = None, tokenizer: Any =
     if target_length is None:
         raise ValueError("longctx.patch(model, 'auto') needs target_length=N: the context length to choose a method for")
     found = recommend(model, target_length, tokenizer=tokenizer, text=text, budget_s=budget_s, **options)
+    if not found.improves:  # never a method measured worse than the model as it is
+        reference = next(r for r in found.rows if r["rank"] is None)
+        best = found.winner
+        raise NoImprovement(
+            f"longctx.patch(model, 'auto'): no candidate measured better than the model as it is at {target_length} "
+            f"tokens ({_line(reference)}; best candidate {_line(best)}; {len(found.rows) - 1} measured, "
+            f"{len(found.not_measured)} left out by the budget); the model is left unpatched. Give a larger "
+            "budget_s, or patch a method yourself", found)
     winner = found.winner
     info = longctx.patch(model, winner["method"], tokenizer=tokenizer, **winner["params"])
     info.evidence = found.to_dict()

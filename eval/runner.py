@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,17 @@ class ResultsLog:
         path = Path(path)
         log = cls(path)
         if resume and path.exists():
-            for line in path.read_text().splitlines():
+            text = path.read_text()
+            for line in text.splitlines():
                 try:
                     log.rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     log.unreadable += 1
+            if log.unreadable or (text and not text.endswith("\n")):
+                # the torn line goes: rows appended now start on a line of their own (written atomically)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in log.rows))
+                os.replace(tmp, path)
         elif not resume:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")

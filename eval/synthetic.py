@@ -251,6 +251,20 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def _unique(path: Path, key: str) -> dict[str, str]:
+    """``{id: text}`` of a corpus or queries file; an id given twice is an error naming both lines (it would silently
+    replace the first text)."""
+    out: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for lineno, row in enumerate(_read_jsonl(path, _EXPECTED[path.name]), 1):
+        ident = str(row[key])
+        if ident in out:
+            raise ValueError(f"{path}: {key} {ident!r} appears twice (entries {seen[ident]} and {lineno}); "
+                             f"each {key} names one text")
+        out[ident], seen[ident] = str(row["text"]), lineno
+    return out
+
+
 def load_task(directory: str | Path) -> RetrievalTask:
     """A real retrieval task in LongEmbed's layout: ``corpus.jsonl`` (``doc_id``, ``text``), ``queries.jsonl``
     (``qid``, ``text``), ``qrels.jsonl`` (``qid``, ``doc_id``, optional ``relevance``/``score``, default 1)."""
@@ -263,8 +277,8 @@ def load_task(directory: str | Path) -> RetrievalTask:
             f"{directory} lacks {', '.join(absent)}; a task directory holds "
             + "; ".join(f"{f} ({', '.join(k)})" for f, k in _EXPECTED.items())
         )
-    corpus = {str(r["doc_id"]): str(r["text"]) for r in _read_jsonl(directory / "corpus.jsonl", _EXPECTED["corpus.jsonl"])}
-    queries = {str(r["qid"]): str(r["text"]) for r in _read_jsonl(directory / "queries.jsonl", _EXPECTED["queries.jsonl"])}
+    corpus = _unique(directory / "corpus.jsonl", "doc_id")
+    queries = _unique(directory / "queries.jsonl", "qid")
     qrels: dict[str, dict[str, float]] = {}
     for r in _read_jsonl(directory / "qrels.jsonl", _EXPECTED["qrels.jsonl"]):
         qid, doc = str(r["qid"]), str(r["doc_id"])

@@ -31,7 +31,8 @@ from torch import nn
 from .models import ModelInfo, describe, unwrap
 from .patches import registry
 from .patches.portable import portable_configs
-from .patches.base import STATE_ATTR, PatchInfo, PatchState, SetLimit, Transient, Undo, privatize_configs
+from .patches.base import STATE_ATTR, PatchInfo, PatchState, ReachWarning, SetLimit, Transient, Undo, \
+    privatize_configs
 from .patches.registry import Method, get_method  # noqa: F401  (get_method: for the faces)
 
 __all__ = ["PatchInfo", "patch", "unpatch", "patched", "unpatched", "methods", "inspect", "is_patched", "patch_info", "load",
@@ -90,24 +91,28 @@ def _apply(model: Any, hf: nn.Module, spec: Method, cfg: Any, params: dict, toke
         privatize_configs(hf, undo)
         applied = spec.apply(hf, cfg, undo)
         record = _reload_record(spec, applied)
+        form = applied.form or spec.form(applied.params)
         # the model's own config copy, saved with it: the record re-applies a method no standard config expresses;
         # for the others ("form": "config") it only tells longctx.load the target length (limits to raise)
-        setattr(hf.config, CONFIG_KEY, {**copy.deepcopy(record), "form": spec.form(applied.params)})
+        setattr(hf.config, CONFIG_KEY, {**copy.deepcopy(record), "form": form})
         for name, value in (spec.config_keys(record["params"]) if spec.config_keys else {}).items():
             setattr(hf.config, name, copy.deepcopy(value))  # keys the method declares for other runtimes (vLLM)
         if spec.kind.startswith("rope"):  # the 4.x layout beside rope_parameters: save_pretrained writes both
             layout_notes = portable_configs(hf, applied.layer_types)
-            if spec.form(applied.params) == "config":
+            if form == "config":
                 applied.notes.extend(layout_notes)
         if applied.target_length:
             _raise_limits(model, hf, tokenizer, applied.target_length, undo, wrapper_limits)
+            if spec.bounded:  # past the target the extension is not what it was set up for: say so
+                undo.hook(hf.register_forward_pre_hook(ReachWarning(spec.name, int(applied.target_length)),
+                                                       with_kwargs=True))
     except BaseException:
         wrapper_limits()
         undo()
         raise
     info = PatchInfo(method=spec.name, params=applied.params, trained_length=applied.trained_length,
                      target_length=applied.target_length, factor=applied.factor, layer_types=applied.layer_types,
-                     notes=applied.notes)
+                     notes=applied.notes, form=form)
     state = PatchState(info=info, request={"method": spec.name, "params": dict(params)}, record=record, undo=undo,
                        tokenizer=Transient(tokenizer))
     setattr(hf, STATE_ATTR, state)
@@ -290,6 +295,26 @@ def _legacy(raw: dict) -> tuple[dict, dict | None]:
     return fixed, found
 
 
+def _check_block(block: Any, folder: Path) -> None:
+    """A config.json ``longctx`` block as longctx writes it, or a ``ValueError`` saying what is wrong."""
+    where = f"{config_dir(folder) / 'config.json'}: the '{CONFIG_KEY}' block"
+    shape = ('{"method": NAME, "params": {...}, "form": "config" | "longctx" | "weights"}')
+    if not isinstance(block, dict):
+        raise ValueError(f"{where} must be an object {shape}, got {type(block).__name__}")
+    if not isinstance(block.get("method"), str):
+        raise ValueError(f"{where} needs a method name ('method'): {shape}; got keys {sorted(block)}")
+    if not isinstance(block.get("params", {}), dict):
+        raise ValueError(f"{where}: 'params' must be an object of the method's parameters, got "
+                         f"{type(block['params']).__name__}")
+    if block.get("form") not in (None, "config", "longctx", "weights"):
+        raise ValueError(f"{where}: 'form' must be 'config', 'longctx' or 'weights', got {block['form']!r}")
+    try:
+        get_method(block["method"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    block.setdefault("params", {})
+
+
 def load(path: str | Path, *, dtype: Any = None, device: str | None = None, allow_training_free: bool = False) -> Any:
     """Load a model directory with its extension active.
 
@@ -330,12 +355,20 @@ def load(path: str | Path, *, dtype: Any = None, device: str | None = None, allo
             config = transformers.AutoConfig.from_pretrained(folder)
         arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
         model = getattr(transformers, arch, transformers.AutoModel).from_pretrained(folder, config=config)
+    hf = unwrap(model)
+    # as transformers loads a model in a dtype: the rotary frequencies stay fp32
+    keep = {(id(m), n): b for m in hf.modules() for n, b in m._buffers.items()
+            if b is not None and n.endswith("inv_freq") and b.dtype == torch.float32}
     model = model.to(dtype or torch.float32).eval()
+    for m in hf.modules():
+        for n, b in list(m._buffers.items()):
+            if (id(m), n) in keep and b is not None and b.dtype != torch.float32:
+                m._buffers[n] = keep[(id(m), n)]
     if device:
         model = model.to(device)
-    hf = unwrap(model)
     block = getattr(hf.config, CONFIG_KEY, None) or legacy
     if block:
+        _check_block(block, folder)
         if hasattr(hf.config, CONFIG_KEY):
             delattr(hf.config, CONFIG_KEY)
         if block.get("form") == "config":  # the config itself carries the method: only the length limits

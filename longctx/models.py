@@ -25,6 +25,8 @@ __all__ = [
     "rotary_dim",
     "describe",
     "NotARopeModelError",
+    "cache_kwarg",
+    "returned_cache",
 ]
 
 # Layer types whose attention only ever sees a bounded window: extending them is pointless (and would change a
@@ -68,12 +70,15 @@ class ModelInfo:
 
 
 def unwrap(model: Any) -> nn.Module:
-    """The transformers model inside ``model`` (a sentence-transformers model is unwrapped to its first module's
-    ``auto_model``); transformers models are returned as they are."""
+    """The transformers model inside ``model`` (a peft wrapper to its base model, a sentence-transformers model to its
+    first module's ``auto_model``); transformers models are returned as they are."""
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
         return model
+    base = getattr(model, "get_base_model", None)  # peft's PeftModel (and its task classes)
+    if callable(base) and type(model).__module__.startswith("peft."):
+        return unwrap(base())
     # sentence-transformers: SentenceTransformer is an nn.Sequential whose first module wraps the HF model
     try:
         first = model[0]
@@ -245,6 +250,24 @@ def describe(model: Any) -> ModelInfo:
             info.rope_type = params.get("rope_type")
             info.rope_factor = params.get("factor")
     return info
+
+
+def cache_kwarg(model: Any = None) -> str:
+    """The keyword a transformers forward takes the KV cache under: ``cache`` from transformers 5.25 (which deprecates
+    ``past_key_values``, removal announced for 5.40), ``past_key_values`` before. ``model``: whose forward to read
+    (default: Llama's, as every family follows the same release)."""
+    import inspect as _inspect
+
+    if model is None:
+        from transformers import LlamaForCausalLM as model
+    forward = getattr(model, "forward", model)
+    return "cache" if "cache" in _inspect.signature(forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``output.cache`` from transformers 5.25, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def buffer_device(module: nn.Module) -> torch.device:

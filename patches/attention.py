@@ -39,7 +39,8 @@ from .base import Undo
 __all__ = ["BACKENDS", "resolve_backend", "PREFIX", "RUNTIME_ATTR", "AttentionRuntime", "RotaryRuntime",
            "install_attention", "attention_modules", "base_attention",
            "attention_name", "CallPositions", "key_valid_mask", "call_positions", "cached_rotated_keys",
-           "CachedPositions", "cache_layer_pre_hook"]
+           "CachedPositions", "cache_layer_pre_hook", "ForwardCheck", "attention_window", "needs_grad",
+           "static_cache_view"]
 
 PREFIX = "longctx_"
 BACKENDS = ("torch", "triton", "auto")  # attention kernels of the methods that compute attention themselves
@@ -58,11 +59,30 @@ class AttentionRuntime:
     cache, tensors of the last call): :meth:`fresh_transient` gives their empty values, which a deep copy or a
     pickle gets instead."""
 
-    transient: ClassVar[tuple[str, ...]] = ()
+    transient: ClassVar[tuple[str, ...]] = ("pending", "calls", "entered")
     base: str = "sdpa"
+    method: str = "longctx"  # the patch's name, for errors (set by install_attention)
 
     def fresh_transient(self) -> dict[str, Any]:
-        return {}
+        # ``pending``: the KV-cache layer each module's next call uses (:func:`cache_layer_pre_hook`); ``calls``: the
+        # layer of the call in progress (:meth:`cache_layer`); ``entered``: modules entered in this forward
+        return {"pending": {}, "calls": {}, "entered": set()}
+
+    def __getattr__(self, name: str) -> Any:
+        # transient state a subclass's __init__ did not set up: created on first use
+        if name in type(self).transient and not name.startswith("__"):
+            fresh = self.fresh_transient()
+            if name in fresh:
+                self.__dict__.update({k: v for k, v in fresh.items() if k not in self.__dict__})
+                return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__} object has no attribute {name!r}")
+
+    def cache_layer(self, module: nn.Module, key: torch.Tensor) -> tuple[Any, bool]:
+        """``(the KV-cache layer whose keys these are, or None; whether it continues the kept keys)``."""
+        layer, continues = self.calls.pop(id(module), (None, False))
+        if layer is None or not _holds(layer, key):
+            return None, False
+        return layer, continues
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -88,7 +108,7 @@ class RotaryRuntime(AttentionRuntime):
     the KV-cache layer of each call (``pending``, set by :func:`cache_layer_pre_hook`), the Triton kernels' row layout
     and fallbacks (``backend``, :meth:`triton_layout`, :meth:`fell_back`)."""
 
-    transient: ClassVar[tuple[str, ...]] = ("pending", "_moved", "layout")
+    transient: ClassVar[tuple[str, ...]] = (*AttentionRuntime.transient, "_moved", "layout")
 
     backend: str = "torch"  # "torch", "triton" or "auto" (Triton where it can run, torch elsewhere)
 
@@ -101,7 +121,7 @@ class RotaryRuntime(AttentionRuntime):
     def fresh_transient(self) -> dict[str, Any]:
         # ``layout``: the Triton kernels' row layout of the last call, kept with the position_ids / mask it came
         # from (every layer of one forward passes the same ones)
-        return {"pending": {}, "_moved": {}, "layout": None}
+        return {**super().fresh_transient(), "_moved": {}, "layout": None}
 
     def triton_layout(self, call: "CallPositions", shape: tuple) -> tuple[Any, str | None]:
         """``(row layout, None)`` of the Triton kernels for this call, or ``(None, why not)``; computed (one device
@@ -149,14 +169,21 @@ class RotaryRuntime(AttentionRuntime):
 
     def extends(self, module: nn.Module) -> bool:
         """Whether this module's layer is extended (a full-attention layer of an extended layer type)."""
-        return self.layer_type(module) in self.layer_types and not getattr(module, "sliding_window", None)
+        return self.layer_type(module) in self.layer_types and not attention_window(module)
 
-    def cache_layer(self, module: nn.Module, key: torch.Tensor) -> tuple[Any, bool]:
-        """``(the KV-cache layer whose keys these are, or None; whether it continues the kept keys)``."""
-        layer, continues = self.pending.pop(id(module), (None, False))
-        if layer is None or getattr(layer, "keys", None) is not key:
-            return None, False
-        return layer, continues
+    def check_call(self, module: nn.Module, kwargs: dict, softcap_supported: bool) -> None:
+        """Refuse, naming the method and the cause, a call of an extended layer with what the method cannot honour
+        (never computed silently without it): a sliding window passed at run time, logit softcapping."""
+        window = kwargs.get("sliding_window")
+        if window:
+            raise RuntimeError(
+                f"{self.method}: layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__}) was called with a "
+                f"sliding window of {window} tokens, which {self.method} does not implement; patch a model whose "
+                "extended layers attend fully (config.sliding_window = None), or use a frequency method (pi, ntk, "
+                "yarn), which keep the window")
+        if kwargs.get("softcap") and not softcap_supported:
+            raise RuntimeError(f"{self.method}: attention logit softcapping (softcap={kwargs['softcap']}) is not "
+                               f"implemented by {self.method}; use selfextend or a frequency method on this model")
 
 
 def base_attention(name: str, module: nn.Module) -> Callable:
@@ -176,6 +203,10 @@ def _dispatch(base: str) -> Callable:
             raise RuntimeError(f"{type(module).__name__} runs longctx's attention '{PREFIX}{base}' but carries no "
                                "longctx patch (was its config copied from a patched model?); longctx.unpatch the "
                                f"model it came from, or set_attn_implementation('{base}')")
+        runtime.entered.add(id(module))
+        layer, continues = runtime.pending.pop(id(module), (None, False))
+        key, value, attention_mask = static_cache_view(layer, key, value, attention_mask)
+        runtime.calls[id(module)] = (layer, continues)
         return runtime.forward(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}"
@@ -235,22 +266,110 @@ def resolve_backend(backend: str, device: torch.device, kernel_note: str) -> tup
 
 def install_attention(model: nn.Module, runtime: AttentionRuntime, undo: Undo, modules: list[nn.Module],
                       method: str) -> str:
-    """Attach ``runtime`` to ``modules`` and switch the model (its own config copies) to ``longctx_<base>``;
-    returns that name. The configs are put back by the patch's undo; the runtime attributes by ``undo`` here."""
+    """Attach ``runtime`` to ``modules`` and switch the configs they hold (the model's own copies: the language model's
+    alone in a vision-language model, whose vision tower keeps its attention) to ``longctx_<base>``; returns that
+    name. Installs, on each module, the pre-hook that tells the runtime its KV-cache layer, and on the model the check
+    that every forward entered each of them (:class:`ForwardCheck`). The configs are put back by the patch's undo;
+    the rest by ``undo`` here."""
     if not modules:
         raise ValueError(f"{method}: found no attention modules in {type(model).__name__}")
-    base = model.config._attn_implementation or "sdpa"
+    configs = list({id(m.config): m.config for m in modules}.values())
+    base = configs[0]._attn_implementation or "sdpa"
     if base.startswith(PREFIX):
         raise RuntimeError(f"{method}: the model already runs longctx attention '{base}' (unpatch it first)")
     try:
         name = attention_name(base)
     except ValueError as e:
         raise ValueError(f"{method}: {e}") from None
-    runtime.base = base
+    runtime.base, runtime.method = base, method
     for m in modules:
         undo.setattr(m, RUNTIME_ATTR, runtime)
-    model.set_attn_implementation(name)
+        undo.hook(m.register_forward_pre_hook(cache_layer_pre_hook, with_kwargs=True))
+    if model.config in configs:
+        model.set_attn_implementation(name)
+    for config in configs:  # a vision-language model: the language model's config alone
+        config._attn_implementation = name
+    check = ForwardCheck(runtime, modules, name)
+    undo.hook(model.register_forward_pre_hook(check, with_kwargs=True))
+    undo.hook(model.register_forward_hook(check.after, with_kwargs=True))
     return name
+
+
+class ForwardCheck:
+    """Applied or loud: a forward of a patched model whose extended attention layers did not all run longctx's
+    attention (the implementation switched after the patch, or a transformers release computing attention another
+    way) raises, naming the method and the cause, instead of returning unextended outputs. Plain data (it deep-copies
+    and pickles with the model)."""
+
+    def __init__(self, runtime: AttentionRuntime, modules: list[nn.Module], name: str) -> None:
+        self.runtime, self.modules, self.name = runtime, list(modules), name
+        self.after = _AfterForward(self)
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        for m in self.modules:
+            now = m.config._attn_implementation
+            if now != self.name:
+                raise RuntimeError(
+                    f"{self.runtime.method}: {type(m).__name__} now runs attention '{now}', not the patch's "
+                    f"'{self.name}' (set_attn_implementation after longctx.patch?), so the method would not be in "
+                    "effect; longctx.unpatch(model), switch the implementation, then patch again")
+        self.runtime.entered.clear()
+
+    def check(self) -> None:
+        missed = [m for m in self.modules if id(m) not in self.runtime.entered]
+        if missed:
+            m = missed[0]
+            raise RuntimeError(
+                f"{self.runtime.method}: this forward never entered longctx's attention in {len(missed)} of "
+                f"{len(self.modules)} extended layers (first: {type(m).__name__} layer {getattr(m, 'layer_idx', '?')}): "
+                "this transformers release does not call the attention interface there, so the method was not in "
+                "effect; the outputs are withheld")
+
+
+class _AfterForward:
+    def __init__(self, check: ForwardCheck) -> None:
+        self.owner = check
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.owner.check()
+
+
+def attention_window(module: nn.Module) -> int | None:
+    """The sliding window an attention module attends within (None: full attention): its own ``sliding_window``
+    where the family sets one per layer (Qwen2, Gemma), else its config's (Mistral, Phi-3 read it for every layer)."""
+    if "sliding_window" in module.__dict__:
+        return module.__dict__["sliding_window"] or None
+    return getattr(module.config, "sliding_window", None) or None
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd records this call (training, LoRA): paths that write into kept buffers or call ops without a
+    backward are not used."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _holds(layer: Any, key: torch.Tensor) -> bool:
+    """``key`` are the keys ``layer`` returned for this call (its key tensor, or the filled part of a static one)."""
+    keys = getattr(layer, "keys", None)
+    # a sliding-window layer keeps a view of the keys it returned
+    return keys is not None and (keys is key or key._base is keys or keys._base is key)
+
+
+def static_cache_view(layer: Any, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys, values and mask of the slots a preallocated (static) cache layer has filled. A ``StaticCache`` (also
+    ``generate(cache_implementation="static")`` and compiled generation) returns all ``max_cache_len`` slots, the
+    empty ones zeros, and transformers passes no mask to a static prefill (SDPA's top-left causal alignment hides
+    them); the methods that place keys by counting back from the last query need the filled slots only."""
+    if layer is None or getattr(layer, "keys", None) is not key or getattr(layer, "is_sliding", False):
+        return key, value, mask
+    filled, capacity = getattr(layer, "cumulative_length", None), getattr(layer, "max_cache_len", None)
+    if not isinstance(filled, torch.Tensor) or capacity != key.shape[2]:
+        return key, value, mask
+    n = int(filled)
+    if n >= key.shape[2]:
+        return key, value, mask
+    return key[:, :, :n], value[:, :, :n], (mask[..., :n] if mask is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,7 +487,7 @@ def cached_rotated_keys(layer: Any, continues: bool, key: torch.Tensor, k_pos: t
     else:
         entry = _KeptKeys(None, k_pos.clone(), key.new_empty(batch, hkv, kv_len + 256, dim), 0, tag)
         rotate(key, 0, entry.buffer[:, :, :kv_len])
-    entry.length, entry.keys_ref = kv_len, weakref.ref(key)
+    entry.length, entry.keys_ref = kv_len, weakref.ref(key if getattr(layer, "keys", None) is None else layer.keys)
     try:
         setattr(layer, _KEPT_ATTR, entry)
     except AttributeError:  # a cache layer that takes no attributes: nothing is kept
@@ -377,31 +496,45 @@ def cached_rotated_keys(layer: Any, continues: bool, key: torch.Tensor, k_pos: t
 
 
 class CachedPositions:
-    """Per attention layer: the position (fp32) of every key in its KV cache, appended call by call. A method that
-    re-rotates cached keys when its frequencies change reads them here. Lost track (the cache was cropped or
-    reordered outside a forward) is an error, never a silent mismatch."""
+    """The position (fp32) of every key a KV-cache layer holds, appended call by call, kept **on that cache layer**
+    (it lives and dies with the cache; two caches used in turn never mix), with whatever else a method records per
+    cached key (``state``). A method that re-rotates cached keys when its frequencies change reads them here. Lost
+    track (the cache was cropped or reordered outside a forward, or is not one longctx can follow) is an error, never
+    a silent mismatch."""
+
+    ATTR = "_longctx_cached_positions"
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self.layers: dict[Any, torch.Tensor] = {}
 
-    def update(self, layer: Any, position_ids: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
-               device: torch.device) -> torch.Tensor | None:
-        """Record this call's ``q_len`` keys; returns the positions of the keys cached before it, ``[B, past]``, or
-        None when there are none (a new sequence)."""
+    def update(self, cache: Any, position_ids: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+               device: torch.device) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """Record this call's ``q_len`` keys on the cache layer ``cache`` (None: no cache); returns ``(positions of
+        the keys cached before them [B, past] or None for a new sequence, the layer's state dict)``, the state's
+        ``"positions"`` then covering all ``kv_len`` keys. A sliding-window layer keeps only its latest keys: fewer
+        cached keys than recorded are the latest of them."""
         if position_ids is None:
             position_ids = torch.arange(kv_len - q_len, kv_len, device=device)[None]
         pos = position_ids.to(device=device, dtype=torch.float32).expand(batch, q_len)
         past = kv_len - q_len
-        history = self.layers.get(layer)
-        if past == 0:
-            self.layers[layer] = pos.clone()
-            return None
-        if history is None or history.shape != (batch, past):
+        state = getattr(cache, self.ATTR, None) if cache is not None else None
+        if past == 0 or state is None:
+            if past:
+                raise RuntimeError(
+                    f"{self.method} lost track of the KV cache: {past} cached keys it did not see written (the cache "
+                    "was filled, cropped or reordered outside a patched forward; beam reordering is not supported)")
+            state = {"positions": pos.clone()}
+            if cache is not None:
+                try:
+                    setattr(cache, self.ATTR, state)
+                except AttributeError:  # a cache layer that takes no attributes: no cached decoding to follow
+                    pass
+            return None, state
+        history = state["positions"]
+        if getattr(cache, "is_sliding", False) and history.shape[0] == batch and history.shape[1] > past:
+            history = history[:, history.shape[1] - past:]
+        if history.shape != (batch, past):
             raise RuntimeError(f"{self.method} lost track of the KV cache (its length or batch changed outside a "
                                "forward: cache cropping and beam reordering are not supported)")
-        self.layers[layer] = torch.cat((history, pos), dim=1)
-        return history
-
-    def clear(self) -> None:
-        self.layers.clear()
+        state["positions"] = torch.cat((history, pos), dim=1)
+        return history, state

@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "Action", "SetAttr", "RemoveHook", "SetLimit", "FollowCasts", "follow_casts", "Undo", "Transient", "Check", "param", "MethodConfig",
     "LengthConfig", "Applied", "PatchInfo", "PatchState", "privatize_configs", "real_key_lengths", "STATE_ATTR",
+    "ReachWarning", "input_length",
 ]
 
 STATE_ATTR = "_longctx_state"  # the PatchState of a patched transformers model
@@ -339,6 +340,7 @@ class Applied:
     layer_types: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     reload: dict[str, Any] | None = None  # parameters that re-apply the method to a saved copy (default: params)
+    form: str | None = None  # the export form where it differs from the method's (a config class that refuses it)
 
 
 @dataclass
@@ -353,6 +355,7 @@ class PatchInfo:
     layer_types: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     evidence: dict[str, Any] | None = None  # what chose the method (``longctx.patch(model, "auto", …)``)
+    form: str = ""  # how a save or export writes it: "config", "longctx" or "weights"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -380,6 +383,46 @@ class PatchState:
     record: dict[str, Any]
     undo: Undo
     tokenizer: Transient = field(default_factory=Transient)
+
+
+class ReachWarning:
+    """A forward pre-hook on a patched model: the first input past the target length the patch was set up for
+    gets a warning naming the method, the length and what to do (once per patched model; plain data)."""
+
+    def __init__(self, method: str, target: int) -> None:
+        self.method, self.target, self.warned = method, target, False
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.warned:
+            return
+        n = input_length(args, kwargs)
+        if n is not None and n > self.target:
+            self.warned = True
+            import warnings
+
+            warnings.warn(f"longctx: an input of {n} tokens is past the {self.method} patch's target length "
+                          f"{self.target}: positions past it are not extended as set up; patch with "
+                          f"target_length >= {n}", stacklevel=2)
+
+
+def input_length(args: tuple, kwargs: dict) -> int | None:
+    """The sequence length a forward reaches (cached tokens + this call's, or the largest position + 1)."""
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        return int(position_ids.max()) + 1
+    tokens = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if tokens is None:
+        embeds = kwargs.get("inputs_embeds")
+        tokens = embeds[..., 0] if isinstance(embeds, torch.Tensor) else None
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        return None
+    past = 0
+    for value in kwargs.values():
+        length = getattr(value, "get_seq_length", None)
+        if callable(length):
+            past = int(length())
+            break
+    return past + tokens.shape[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

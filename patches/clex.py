@@ -51,7 +51,7 @@ from longctx.models import layer_params
 from .attention import AttentionRuntime, CachedPositions, attention_modules, install_attention
 from .base import Applied, LengthConfig, Undo, param, real_key_lengths
 from .registry import Method, register
-from .rope_common import FrequencyHook, own_frequencies, layer_type_of, rope_targets
+from .rope_common import FrequencyHook, frequency_buffer, own_frequencies, layer_type_of, rope_targets
 
 NAME = "clex"
 DESCRIPTION = (
@@ -82,7 +82,7 @@ class CLEXConfig(LengthConfig):
 class CLEXRuntime(AttentionRuntime):
     """The scale of the current forward, the frequency tables, and the KV cache's re-rotation."""
 
-    transient: ClassVar[tuple[str, ...]] = ("cached", "cache_t")
+    transient: ClassVar[tuple[str, ...]] = (*AttentionRuntime.transient, "cached")
 
     def __init__(self, trained: int, max_factor: int, log_scale: bool, tables: dict[int, dict[Any, torch.Tensor]]):
         self.trained, self.max_factor, self.log_scale = trained, max_factor, log_scale
@@ -91,7 +91,7 @@ class CLEXRuntime(AttentionRuntime):
         self.__dict__.update(self.fresh_transient())
 
     def fresh_transient(self) -> dict[str, Any]:
-        return {"cached": CachedPositions(NAME), "cache_t": {}}
+        return {**super().fresh_transient(), "cached": CachedPositions(NAME)}
 
     def table(self, module: nn.Module) -> torch.Tensor | None:
         layer_type = layer_type_of(module)
@@ -105,23 +105,28 @@ class CLEXRuntime(AttentionRuntime):
         if table is not None:
             self._sync_cache(module, key, query.shape[2], kwargs.get("position_ids"), table)
             if self.log_scale:
-                n = real_key_lengths(attention_mask, query.shape[0], key.shape[2]).to(query.device)
+                # each row's tokens so far (its real keys under a full cache; a sliding-window cache holds fewer)
+                position_ids = kwargs.get("position_ids")
+                if position_ids is not None and getattr(module, "is_causal", True):  # decoders (left padding)
+                    n = (position_ids[:, -1].to(query.device) + 1).expand(query.shape[0])
+                else:
+                    n = real_key_lengths(attention_mask, query.shape[0], key.shape[2]).to(query.device)
                 query = query * log_scale_factor(n, self.trained).to(query.dtype).view(-1, 1, 1, 1)
         return self.call_base(module, query, key, value, attention_mask, **kwargs)
 
     def _sync_cache(self, module, key, q_len, position_ids, table) -> None:
         """When the scale changed since this layer's cached keys were rotated, re-rotate them once, in place."""
-        layer = getattr(module, "layer_idx", None)
-        if layer is None:  # an encoder's attention: no cache
+        if getattr(module, "layer_idx", None) is None:  # an encoder's attention: no cache
             return
-        past = self.cached.update(layer, position_ids, key.shape[0], q_len, key.shape[2], key.device)
-        old_t = self.cache_t.get(layer, self.t)
+        cache, _ = self.cache_layer(module, key)
+        past, state = self.cached.update(cache, position_ids, key.shape[0], q_len, key.shape[2], key.device)
+        old_t = state.get("t", self.t)
         if past is not None and old_t != self.t:
             table = table.to(key.device)
             delta = past[..., None] * (table[self.t - 1] - table[old_t - 1])[None, None]  # [B, past, rot/2]
             n = past.shape[1]
             key[:, :, :n] = rotate_by_angles(key[:, :, :n], delta[:, None]).to(key.dtype)
-        self.cache_t[layer] = self.t
+        state["t"] = self.t
 
 
 class CLEXFrequencies(FrequencyHook):
@@ -149,13 +154,19 @@ def apply(model: nn.Module, cfg: CLEXConfig, undo: Undo) -> Applied:
     tables: dict[int, dict[Any, torch.Tensor]] = {}
     for cid, config in targets.configs.items():
         tables[cid] = {}
+        rotary = next(r.module for r in targets.rotaries if r.config is config)
         for c in targets.contexts[cid]:
             theta = layer_params(config, c.layer_type)["rope_theta"]
             if weights is None:
-                tables[cid][c.layer_type] = clex_training_free_table(c.rotary_dim, theta, max_factor)
+                table = clex_training_free_table(c.rotary_dim, theta, max_factor)
             else:
                 base = default_inv_freq(c.rotary_dim, theta)
-                tables[cid][c.layer_type] = clex_inv_freq_table(base, *weights, cfg.act, max_factor, cfg.time_dt)
+                table = clex_inv_freq_table(base, *weights, cfg.act, max_factor, cfg.time_dt)
+            own = frequency_buffer(rotary, c.layer_type)
+            if own.dtype == torch.float32 and own.shape == table[0].shape and own.device.type != "meta":
+                # t = 1 is the model's own RoPE: its very frequencies (not a recomputation a ulp apart)
+                table[0] = own.detach().cpu()
+            tables[cid][c.layer_type] = table
         config.max_position_embeddings = max(targets.contexts[cid][0].target_length, config.max_position_embeddings or 0)
     runtime = CLEXRuntime(ctx.trained_length, max_factor, cfg.log_scale, tables)
     for r in targets.rotaries:

@@ -96,6 +96,7 @@ def vllm_config(params: dict[str, Any]) -> dict[str, Any]:
 METHOD = register(Method(
     NAME, "rope_attention", DESCRIPTION, DCAConfig, apply, export_form="longctx", aliases=("dual_chunk",
                                                                                             "chunkllama"),
+    bounded=False,
     decoders_only=True, config_keys=vllm_config,
     examples=lambda L: [{"target_length": 4 * L}, {"chunk_size": L // 2, "local_window": L // 8, "mscale": False}],
 ))

@@ -79,7 +79,7 @@ class ByLengthFrequencies(FrequencyHook):
 class ConsistentCacheRuntime(AttentionRuntime):
     """Re-rotates each layer's cached keys from the frequencies they were written with to the current ones."""
 
-    transient: ClassVar[tuple[str, ...]] = ("cached", "written")
+    transient: ClassVar[tuple[str, ...]] = (*AttentionRuntime.transient, "cached")
 
     def __init__(self, layer_types: list[str | None], factor: float, trained: int) -> None:
         self.layer_types, self.factor, self.trained = layer_types, factor, trained
@@ -87,7 +87,7 @@ class ConsistentCacheRuntime(AttentionRuntime):
 
     def fresh_transient(self) -> dict[str, Any]:
         # layer -> [kv, rot/2] fp32: the frequencies each cached key was rotated with
-        return {"cached": CachedPositions("dynamic_ntk(cache_consistent=True)"), "written": {}}
+        return {**super().fresh_transient(), "cached": CachedPositions("dynamic_ntk(cache_consistent=True)")}
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         layer_type = layer_type_of(module)
@@ -101,14 +101,15 @@ class ConsistentCacheRuntime(AttentionRuntime):
             position_ids = torch.arange(kv_len - q_len, kv_len, device=key.device)[None]
         n = int(position_ids.max().item()) + 1
         now = _frequencies(module.config, layer_type, self.factor, self.trained, n, key.device)
-        layer = module.layer_idx
-        past = self.cached.update(layer, position_ids, batch, q_len, kv_len, key.device)
+        cache, _ = self.cache_layer(module, key)
+        past, state = self.cached.update(cache, position_ids, batch, q_len, kv_len, key.device)
         written = now.expand(q_len, -1)
-        self.written[layer] = written.clone() if past is None else torch.cat((self.written[layer], written), dim=0)
         if past is None:
+            state["written"] = written.clone()
             return key
-        positions = self.cached.layers[layer]
-        delta = positions[..., None] * (now - self.written[layer])[None]  # [B, kv, rot/2]
+        # the frequencies each cached key was rotated with (a sliding-window cache keeps the latest keys only)
+        state["written"] = torch.cat((state["written"][state["written"].shape[0] - past.shape[1]:], written), dim=0)
+        delta = state["positions"][..., None] * (now - state["written"])[None]  # [B, kv, rot/2]
         if not torch.any(delta):
             return key
         return rotate_by_angles(key, delta[:, None])
@@ -146,7 +147,9 @@ def _legacy(cache_consistent: bool):
 
 METHOD = register(Method(
     NAME, "rope", DESCRIPTION, DynamicNTKConfig, apply,
+    bounded=False,
     export_form=lambda params: "longctx" if params.get("cache_consistent") else "config",
+    cache_exact=lambda params: bool(params.get("cache_consistent")),
     aliases=("dynamic", "ntk_dynamic"),
     examples=lambda L: [{"factor": 4.0}, {"factor": 4.0, "cache_consistent": True}],
     legacy_rope_types={"longctx_dynamic": _legacy(False), "longctx_ntk_by_length": _legacy(True)},

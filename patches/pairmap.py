@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from longctx.core.pairmaps import PairMap
 from longctx.kernels.pairmap_torch import pairmap_attention, variant_keys
 from longctx.models import NotARopeModelError, extendable_layer_types, find_rotary_modules, trained_length
 
-from .attention import BACKENDS, CallPositions, RotaryRuntime, attention_modules, cache_layer_pre_hook, \
-    cached_rotated_keys, install_attention, resolve_backend
+from .attention import BACKENDS, CallPositions, RotaryRuntime, attention_modules, attention_window, \
+    cached_rotated_keys, install_attention, needs_grad, resolve_backend
 from .base import Applied, MethodConfig, Undo, param
 from .rope_common import guard_rotary
 
@@ -63,9 +62,8 @@ class PairMapRuntime(RotaryRuntime):
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         if not self.extends(module):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        if kwargs.get("softcap"):
-            raise NotImplementedError(f"{type(self).__name__}: attention logit softcapping is not supported")
+            return self.call_base(module, query, key, value, attention_mask, **kwargs)
+        self.check_call(module, kwargs, softcap_supported=False)
         batch, _, q_len, dim = query.shape
         kv_len = key.shape[2]
         call = CallPositions(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device)
@@ -76,6 +74,9 @@ class PairMapRuntime(RotaryRuntime):
         n = key_valid.sum(-1) if key_valid is not None else torch.full((batch,), kv_len, device=query.device)
         k_mult = self.key_scale(n)
         layer, continues = self.cache_layer(module, key)
+        grad = needs_grad(query, key, value)
+        if grad:  # autograd: nothing kept across calls, the differentiable torch path
+            layer = None
         keys = {}
         for variant in sorted(set(self.pmap.variants)):
             if self.pmap.key_identity(variant) and k_mult is None:
@@ -95,7 +96,7 @@ class PairMapRuntime(RotaryRuntime):
                 rotate(key, 0, keys[variant])
         q_scale = self.query_scale(q_pos, n)
         out = None
-        if self.backend != "torch":
+        if self.backend != "torch" and not grad:
             out = self._triton(query, key, value, call, inv_freq, scaling, keys, q_scale, kwargs.get("softcap"))
         if out is None:
             out = pairmap_attention(query, key, value, q_pos, k_pos, inv_freq, self.pmap, scaling,
@@ -134,9 +135,15 @@ def decoder_rotary(model: nn.Module, method: str) -> tuple[Any, nn.Module, list]
     if any(getattr(m, "is_causal", True) is False for m in modules):
         raise ValueError(f"{method} is defined for causal attention (decoders); {type(model).__name__} attends "
                          "both ways — for RoPE encoders use selfextend (bidirectional) or a frequency method")
-    if modules and all(getattr(m, "sliding_window", None) for m in modules):
-        raise ValueError(f"every attention layer of this model uses a sliding window; {method} applies to "
-                         "full-attention layers")
+    if modules and all(attention_window(m) for m in modules):
+        raise ValueError(f"{method}: every attention layer of this model attends within a sliding window "
+                         f"(config.sliding_window={getattr(config, 'sliding_window', None)}), which {method} does not "
+                         "implement; it applies to full-attention layers. Set config.sliding_window = None before "
+                         "patching for full attention, or use a frequency method (pi, ntk, yarn), which keep the window")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        raise ValueError(f"{method}: this model caps attention logits (config.attn_logit_softcapping={softcap}), "
+                         f"which {method} does not implement; use selfextend (which does) or a frequency method")
     rotary = next(r.module for r in rotaries if r.config is config)
     return config, rotary, extendable_layer_types(config) or [None]
 
@@ -173,8 +180,6 @@ def install_pairmap(model: nn.Module, runtime: PairMapRuntime, undo: Undo, cfg: 
         guard_rotary(r.module, undo)
     modules = attention_modules(model, [found.config])
     install_attention(model, runtime, undo, modules, cfg.method)
-    for m in modules:
-        undo.hook(m.register_forward_pre_hook(cache_layer_pre_hook, with_kwargs=True))
     target, L = cfg.target_length, found.trained_length
     if target:
         found.config.max_position_embeddings = max(target, found.config.max_position_embeddings or 0)

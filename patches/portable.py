@@ -89,7 +89,10 @@ def legacy_layout(params: dict, model_type: str | None = None) -> dict:
     """The 4.x layout of one set of rope parameters: ``rope_scaling`` (``yarn``: without
     ``original_max_position_embeddings``, which the top level carries; see the module docstring), the top-level
     ``rope_theta`` and ``partial_rotary_factor``, and the model type's own 4.x names for them (:data:`ALIASES`)."""
-    scaling = None if params["rope_type"] == "default" else {**params, "type": params["rope_type"]}  # "type": < 4.43
+    # "type": < 4.43; rope_theta / partial_rotary_factor go top level only (4.x warns on them inside rope_scaling)
+    scaling = None if params["rope_type"] == "default" else {
+        **{k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")},
+        "type": params["rope_type"]}
     if params["rope_type"] == "yarn":
         scaling.pop("original_max_position_embeddings", None)
     layout = {"rope_scaling": scaling, "rope_theta": params["rope_theta"]}

@@ -56,6 +56,12 @@ class Method:
         unchanged_within: inputs no longer than the trained length (special tokens included) give exactly the
             unpatched model's outputs, bit for bit (the evaluations reuse such embeddings across methods; the
             contract battery checks the claim on every method that makes it).
+        bounded: the extension holds up to the target length it was set up for (frequencies or a table sized for it);
+            an input past it gets a warning. False for methods without a reach (DCA, ReRoPE, grouped positions …).
+        cache_exact: cached decoding of a one-layer model equals recomputing the whole sequence, with every kind of
+            cache (dynamic, static, sliding-window); a function of the patch's parameters where it depends on them
+            (dynamic NTK's standard mode keeps the keys it cached at the frequencies of their time: False). The
+            contract battery's integration axis checks it.
         carry_files: parameters naming files that an export must carry along, each mapped to
             ``write(value, directory) -> "./name"`` (it writes the file into the export and returns how the saved
             record refers to it; ``longctx.load`` resolves ``./`` against the export's directory).
@@ -78,6 +84,8 @@ class Method:
     examples: Callable[[int], list[dict[str, Any]]] = dataclasses.field(default=None)  # type: ignore[assignment]
     carry_files: dict[str, Callable[[Any, Any], str]] = dataclasses.field(default_factory=dict)
     unchanged_within: bool = False
+    cache_exact: bool | Callable[[dict[str, Any]], bool] = True
+    bounded: bool = True
 
     def __post_init__(self) -> None:
         if self.examples is None:
@@ -123,6 +131,10 @@ class Method:
         if unknown:
             raise TypeError(f"method '{self.name}' got unknown parameter(s) {unknown}; it accepts: {sorted(names)}")
         return self.config(**params)
+
+    def exact_cache(self, params: dict[str, Any]) -> bool:
+        """Whether :attr:`cache_exact` holds for these parameters."""
+        return self.cache_exact(params) if callable(self.cache_exact) else bool(self.cache_exact)
 
     def applies_to(self, info: Any) -> bool:
         """Whether the method fits a model described by ``longctx.inspect`` (its ``position_encoding``; position-id

@@ -73,6 +73,7 @@ def apply(model: nn.Module, cfg: ReRoPEConfig, undo: Undo) -> Applied:
 
 METHOD = register(Method(
     NAME, "rope_attention", DESCRIPTION, ReRoPEConfig, apply, export_form="longctx", decoders_only=True,
+    bounded=False,
     examples=lambda L: [{"target_length": 4 * L}, {"leaky_factor": 4.0, "window": L // 4},
                         {"log_scale": False, "window": L // 8}],
 ))

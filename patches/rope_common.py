@@ -19,6 +19,7 @@ keep the model's default ``rope_parameters`` and set the frequencies of each for
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ class RopeTargets:
     rotaries: list[Any]  # longctx.models.RotaryInfo
     configs: dict[int, Any]  # id -> config
     contexts: dict[int, list[RopeContext]]  # config id -> one context per extended layer type (None: flat)
+    unsavable: str | None = None  # why the model's config class cannot hold the method's rope parameters
 
     @property
     def first(self) -> RopeContext:
@@ -129,6 +131,7 @@ def apply_rope_method(model: nn.Module, method: str, cfg: LengthConfig, params_f
     same (``save_pretrained`` writes it as it is)."""
     targets = targets or rope_targets(model, method, cfg)
     for cid, config in targets.configs.items():
+        before = {k: copy.deepcopy(config.__dict__[k]) for k in _ROPE_KEYS if k in config.__dict__}
         params = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.rope_parameters.items()}
         target = targets.contexts[cid][0].target_length
         top = {"max_position_embeddings": max(target, getattr(config, "max_position_embeddings", 0) or 0)}
@@ -143,9 +146,36 @@ def apply_rope_method(model: nn.Module, method: str, cfg: LengthConfig, params_f
         config.rope_parameters = params
         for key, value in top.items():
             setattr(config, key, value)
+        why = _unsavable(config)
+        if why:  # e.g. Phi-3's config accepts only 'default' and 'longrope': its rotary modules get their own copy
+            own = copy.deepcopy(config)
+            for key in _ROPE_KEYS:
+                config.__dict__.pop(key, None)
+            config.__dict__.update(before)
+            for r in targets.rotaries:
+                if r.config is config:
+                    guard_rotary(r.module, undo)
+                    undo.setattr(r.module, "config", own)
+                    r.config = own
+            targets.unsavable = why
     for r in targets.rotaries:
         rebuild_rotary(r.module, undo)
     return targets
+
+
+_ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
+
+
+def _unsavable(config: Any) -> str | None:
+    """Why ``config``'s class would refuse to save (or load) it as it now is (its own validation), or None."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - the class's own validators: any of their errors
+        return str(getattr(e, "__cause__", None) or e).strip().splitlines()[-1]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,5 +309,12 @@ def rope_applied(targets: RopeTargets, cfg: LengthConfig, notes: list[str] | Non
     first = targets.first
     resolved = {k: v for k, v in cfg.to_dict().items() if v is not None}
     resolved.update(factor=first.factor, target_length=first.target_length, trained_length=first.trained_length)
+    notes = list(notes or [])
+    form = None
+    if targets.unsavable:
+        form = "longctx"
+        notes.append(f"the model's config class cannot hold these rope parameters ({targets.unsavable}): the rotary "
+                     "modules read a copy of the config that does; save_pretrained / export write the base config "
+                     "with a longctx block (longctx.load re-applies it; plain transformers loads the base model)")
     return Applied(params=resolved, trained_length=first.trained_length, target_length=first.target_length,
-                   factor=first.factor, layer_types=targets.layer_types(), notes=list(notes or []))
+                   factor=first.factor, layer_types=targets.layer_types(), notes=notes, form=form)

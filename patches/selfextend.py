@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from longctx.core.positions import solve_selfextend
 from longctx.kernels.selfextend_torch import grouped_keys, selfextend_attention
@@ -31,9 +30,10 @@ from .attention import (
     CallPositions,
     RotaryRuntime,
     attention_modules,
-    cache_layer_pre_hook,
+    attention_window,
     cached_rotated_keys,
     install_attention,
+    needs_grad,
     resolve_backend,
 )
 from .base import Applied, MethodConfig, Undo, param
@@ -91,7 +91,8 @@ class SelfExtendRuntime(RotaryRuntime):
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         p = self.params
         if not self.extends(module):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            return self.call_base(module, query, key, value, attention_mask, **kwargs)
+        self.check_call(module, kwargs, softcap_supported=True)
         layer_type = self.layer_type(module)
         batch, _, q_len, dim = query.shape
         call = CallPositions(attention_mask, kwargs.get("position_ids"), batch, q_len, key.shape[2], query.device)
@@ -101,7 +102,10 @@ class SelfExtendRuntime(RotaryRuntime):
         causal = getattr(module, "is_causal", True)
         softcap = kwargs.get("softcap")
         out = None
-        if p.backend != "torch":
+        grad = needs_grad(query, key, value)
+        if grad:  # autograd: nothing kept across calls, the differentiable torch path
+            layer = None
+        if p.backend != "torch" and not grad:
             out = self._triton(query, key, value, call, inv_freq, scaling, causal, softcap, layer, continues)
         if out is None:
             key_valid = call.key_valid
@@ -170,10 +174,12 @@ def apply(model: nn.Module, cfg: SelfExtendConfig, undo: Undo) -> Applied:
     plan = solve_selfextend(L, cfg.target_length, cfg.group_size, cfg.window)
     layer_types = extendable_layer_types(config) or [None]
     modules = attention_modules(model, [config])
-    if modules and all(getattr(m, "sliding_window", None) for m in modules):
+    if modules and all(attention_window(m) for m in modules):
         raise ValueError(
-            "every attention layer of this model uses a sliding window (config.sliding_window="
-            f"{getattr(config, 'sliding_window', None)}); SelfExtend applies to full-attention layers"
+            "selfextend: every attention layer of this model attends within a sliding window (config.sliding_window="
+            f"{getattr(config, 'sliding_window', None)}), which SelfExtend does not implement; it applies to "
+            "full-attention layers. Set config.sliding_window = None before patching for full attention, or use a "
+            "frequency method (pi, ntk, yarn), which keep the window"
         )
     rotary = next(r.module for r in rotaries if r.config is config)
     for r in rotaries:
@@ -182,8 +188,6 @@ def apply(model: nn.Module, cfg: SelfExtendConfig, undo: Undo) -> Applied:
     runtime = SelfExtendRuntime(params, rotary, layer_types)
     base = model.config._attn_implementation
     install_attention(model, runtime, undo, modules, NAME)
-    for m in modules:
-        undo.hook(m.register_forward_pre_hook(cache_layer_pre_hook, with_kwargs=True))
     target = int(cfg.target_length) if cfg.target_length else plan.max_length
     config.max_position_embeddings = max(target, config.max_position_embeddings or 0)
 

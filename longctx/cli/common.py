@@ -108,8 +108,10 @@ def method_params(items: list[str] | None, methods: list[str] | None, *, default
 
 
 def int_list(value: str, option: str, minimum: int = 1) -> list[int]:
-    """Comma-separated integers, each >= ``minimum``."""
-    parts = [v.strip() for v in value.split(",") if v.strip()]
+    """Comma-separated integers, each >= ``minimum`` (no empty item: ``512,,1024`` is a typo, not two lengths)."""
+    parts = [v.strip() for v in value.split(",")]
+    if not all(parts):
+        fail(f"{option} takes comma-separated integers >= {minimum} (no empty item), got {value!r}")
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
@@ -123,7 +125,9 @@ def float_list(value: str, option: str, low: float, high: float) -> list[float]:
     """Comma-separated numbers in [low, high]."""
     import math
 
-    parts = [v.strip() for v in value.split(",") if v.strip()]
+    parts = [v.strip() for v in value.split(",")]
+    if not all(parts):
+        fail(f"{option} takes comma-separated numbers in [{low:g}, {high:g}] (no empty item), got {value!r}")
     try:
         numbers = [float(p) for p in parts]
     except ValueError:
@@ -154,8 +158,34 @@ def text_source(text: str, option: str = "--text") -> None:
     path = Path(text)
     if not path.exists():
         fail(f"{option}: no such text file or folder: {path} (or '{DEFAULT_TEXT}', the bundled text)")
-    if path.is_dir() and not _text_files(path):
+    files = _text_files(path) if path.is_dir() else [path]
+    if not files:
         fail(f"{option}: no text files (.txt, .tex, .raw) under {path}")
+    for file in files:
+        why = _not_text(file)
+        if why:
+            fail(f"{option}: {file} {why}; give UTF-8 text")
+    if not any(_has_words(file) for file in files):
+        fail(f"{option}: {path} holds no words (empty or blank); give a text to read")
+
+
+def _not_text(path: Path) -> str | None:
+    """Why ``path`` is not a text file (a NUL byte or bytes that are not UTF-8 in its first 64 KiB), or None."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\0" in head:
+        return "is a binary file (it holds NUL bytes)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the 64 KiB boundary
+            return f"is not UTF-8 text (byte {e.start})"
+    return None
+
+
+def _has_words(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
 
 
 def _text_files(path: Path) -> list[Path]:
@@ -172,9 +202,11 @@ def read_text(text: str) -> str:
 
 
 def check_out(out: Path | None) -> None:
-    """Fail before any long work when the output directory cannot be written."""
+    """Fail before any long work when the output directory cannot be written. Folders it had to create to find out
+    are removed again: a command refused later leaves no empty output directory (the writers create it)."""
     if out is None:
         return
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".longctx-write-test"
@@ -182,6 +214,12 @@ def check_out(out: Path | None) -> None:
         probe.unlink()
     except OSError as e:
         fail(f"cannot write results to {out}: {e.strerror or e}")
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def load_model(model: str) -> Any:

@@ -479,6 +479,14 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
     methods = methods or [BASELINE_DECODER]
     _params_used(params, methods)
     _check_lengths(loaded, methods, length_list, trained)
+    haystack_text = read_text(haystack) if kind == "needle" else None
+    if haystack_text is not None:  # long enough for the longest prompt: one line now, not a traceback later
+        from longctx.eval.needle import needle_prompt
+
+        try:
+            needle_prompt(tokenizer, max(length_list), 0.5, "check", "0", haystack_text)
+        except ValueError as e:
+            fail(f"--haystack: {e}; give a longer text or shorter --lengths")
     log = ResultsLog.open(out / "trials.jsonl", resume) if out is not None else None
     if log is not None and log.unreadable:
         console.print(f"[yellow]{log.path}: skipped an unreadable line (a run stopped while writing it)[/]")
@@ -488,7 +496,7 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
                   + (f"; resuming with {earlier} trial(s) from {log.path}" if resume else ""))
     rows = generation_grid(hf, tokenizer, kind, methods, length_list, depth_list, trials=trials, seed=seed,
                            target_length=target_length, method_params=params,
-                           haystack=read_text(haystack) if kind == "needle" else None, log=log)
+                           haystack=haystack_text, log=log)
     if log is not None:  # earlier runs' cells (other lengths, methods, seeds) belong in the same table
         rows = [r for r in log.rows if r.get("task") == kind]
     summary = _generation_table(kind, model, trained, rows)
@@ -514,30 +522,30 @@ def _generation_eval(kind: str, model, method, compare, lengths, depths, trials,
 
 def _generation_table(kind: str, model: str, trained: int, rows: list[dict]) -> list[dict]:
     """Print accuracy per method × length over ``rows`` (every trial of this run, and of earlier runs when
-    resuming) and return it as summary rows; a cell that pools trials patched with different parameters says so."""
+    resuming) and return it as summary rows. Trials patched with different parameters (a resumed run with other
+    ``--param`` values) are never pooled: each parameter set is its own row, labelled with its parameters."""
     from rich.table import Table
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    variants = list(dict.fromkeys((r["method"], r.get("params")) for r in rows))
+    several = {m for m, _ in variants if sum(1 for v, _ in variants if v == m) > 1}
     lengths = sorted({r["length"] for r in rows})
     table = Table(title=f"{kind} accuracy % by generation — {model}, trained {trained}")
     table.add_column("method")
     for n in lengths:
         table.add_column(str(n), justify="right")
     summary = []
-    for m in methods:
+    for m, params in variants:
+        label = f"{m} [{params}]" if m in several else m
         cells = []
         for n in lengths:
-            cell = [r for r in rows if r["method"] == m and r["length"] == n]
+            cell = [r for r in rows if r["method"] == m and r.get("params") == params and r["length"] == n]
             if not cell:
                 cells.append("")
                 continue
-            if len({r["params"] for r in cell}) > 1:
-                console.print(f"[yellow]{m} at {n}: trials patched with different parameters are pooled "
-                              f"({sorted({r['params'] for r in cell})})[/]")
             acc = sum(r["correct"] for r in cell) / len(cell)
-            summary.append({"method": m, "length": n, "accuracy": acc, "trials": len(cell)})
+            summary.append({"method": m, "params": params, "length": n, "accuracy": acc, "trials": len(cell)})
             cells.append(f"{100 * acc:.0f} ({len(cell)})")
-        table.add_row(m, *cells)
+        table.add_row(label, *cells)
     console.print(table)
     return summary
 

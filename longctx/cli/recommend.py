@@ -54,7 +54,8 @@ def recommend_cmd(
                           methods=methods, log=lambda line: typer.echo(f"  {line}"))
     except ValueError as e:
         fail(str(e))
-    data = {**found.to_dict(), "model": model, "patch": found.patch_line(), "export": found.export_line(model)}
+    data = {**found.to_dict(), "model": model, "patch": found.patch_line() if found.improves else None,
+            "export": found.export_line(model) if found.improves else None}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recommendation.json").write_text(json.dumps(data, indent=2, default=str))
@@ -62,6 +63,10 @@ def recommend_cmd(
         typer.echo(json.dumps(data, indent=2, default=str))
         return
     _table(found, model)
+    if not found.improves:
+        typer.echo(f"no candidate measured better than {model} as it is at {found.target_length} tokens: keep it "
+                   "as it is, or give a larger --budget (candidates left out are listed above)")
+        return
     typer.echo(f"apply:  {found.patch_line()}")
     typer.echo(f"export: {found.export_line(model)}")
 

@@ -170,6 +170,12 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     rot_dim = 2 * half
     r = x[..., :rot_dim].float()
     x1, x2 = r[..., :half], r[..., half:]
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        # autograd (training, LoRA): out= ops have no backward; the same arithmetic out of place
+        parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+        if rot_dim < x.shape[-1]:
+            parts.append(x[..., rot_dim:].float().expand(*parts[0].shape[:-1], -1))
+        return torch.cat(parts, -1).to(x.dtype)
     shape = torch.broadcast_shapes(r.shape[:-1] + (half,), cos.shape)
     out = torch.empty(shape[:-1] + (x.shape[-1],), dtype=torch.float32, device=x.device)
     o1, o2 = out[..., :half], out[..., half:rot_dim]

@@ -47,7 +47,7 @@ def _skeleton(config_dir: Path) -> Any:
 
 
 def _form(record: dict, info: Any) -> str:
-    return api.get_method(record["method"]).form(info.params)
+    return info.form or api.get_method(record["method"]).form(info.params)
 
 
 def _config_form(form: str, base: dict, hf: Any, info: Any, config_for: str) -> tuple[str, tuple | None, list[str]]:

@@ -27,7 +27,7 @@ import torch
 from longctx.core.pairmaps import PairMap
 from longctx.core.rope import apply_rotation, rotate_by_angles
 
-from .lse import attend, merge
+from .lse import attend, masked_softmax, merge
 
 __all__ = ["pairmap_attention", "pairmap_attention_blocked", "pairmap_attention_intervals", "pairmap_attention_naive",
            "rotate_delta", "variant_keys", "uniform_offset"]
@@ -245,8 +245,7 @@ def pairmap_attention_blocked(
         allowed = allowed & (slot <= torch.arange(offset + qs, offset + qe, device=query.device)[None, :, None])
         if key_valid is not None:
             allowed = allowed & key_valid[:, None, :ke]
-        scores = (scores * scaling).masked_fill(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        probs = masked_softmax(scores * scaling, allowed[:, None, None])
         out[:, :, :, qs:qe] = (probs.view(batch, hkv, rep * bq, ke) @ vf[:, :, :ke]).view(batch, hkv, rep, bq, -1)
     return out.reshape(batch, hq, q_len, -1).to(query.dtype)
 

@@ -16,7 +16,7 @@ import torch
 from longctx.core.positions import selfextend_key_positions, selfextend_query_positions, selfextend_shift
 from longctx.core.rope import apply_rotation, rotate_by_angles, rotation_tables
 
-from .lse import attend, merge, native_lse
+from .lse import attend, masked_softmax, merge, native_lse, records_grad
 
 __all__ = [
     "selfextend_attention",
@@ -126,7 +126,7 @@ def selfextend_attention(
         if unpadded and (small_q or native_lse(query)):
             return selfextend_attention_lse(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
                                             **kwargs)
-        if not small_q:
+        if not small_q and (unpadded or not records_grad(query, key, value)):  # SDPA: NaN grads on empty rows
             return selfextend_attention_fused(query, key, value, q_pos, k_pos, inv_freq, group_size, window,
                                               scaling, key_valid=key_valid, **kwargs)
     return selfextend_attention_blocked(query, key, value, q_pos, k_pos, inv_freq, group_size, window, scaling,
@@ -364,8 +364,9 @@ def selfextend_attention_blocked(
             scores = torch.tanh(scores / softcap) * softcap
         allowed = _allowed(q_len, kv_len, qs, qe, 0, ke, causal, key_valid, query.device)
         if allowed is not None:
-            scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            probs = masked_softmax(scores, allowed[:, None, None])
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[:, :, :, qs:qe] = (probs.view(batch, hkv, rep * bq, ke) @ vf[:, :, :ke]).view(batch, hkv, rep, bq, -1)
     return out.reshape(batch, hq, q_len, -1).to(query.dtype)
 
@@ -394,6 +395,5 @@ def selfextend_attention_naive(
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     allowed = _allowed(q_len, key.shape[2], 0, q_len, 0, key.shape[2], causal, key_valid, query.device)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return (torch.softmax(scores, -1).nan_to_num(0.0) @ v).to(query.dtype)
+    probs = masked_softmax(scores, allowed[:, None]) if allowed is not None else torch.softmax(scores, -1)
+    return (probs @ v).to(query.dtype)

@@ -27,6 +27,6 @@ def apply(model: nn.Module, cfg: GroupedConfig, undo: Undo) -> Applied:
     return install_positions(model, cfg, undo, "grouped", False, [])
 
 
-METHOD = register(Method(NAME, "absolute", DESCRIPTION, GroupedConfig, apply, export_form="longctx",
+METHOD = register(Method(NAME, "absolute", DESCRIPTION, GroupedConfig, apply, export_form="longctx", bounded=False,
                          compare_by_default=True, unchanged_within=True,
                          examples=lambda L: [{"target_length": 4 * L}, {"target_length": 4 * L, "log_scale": True}]))

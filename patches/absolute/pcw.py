@@ -23,7 +23,7 @@ from .common import encoder_parts, lengths
 NAME = "pcw"
 DESCRIPTION = ("chunk-and-average (LongEmbed's parallel context windows): chunks of L - 2 tokens + specials, the last "
                "overlapping, chunk embeddings averaged; exact for n <= L")
-UNSUPPORTED = ("inputs_embeds", "position_ids", "output_attentions", "output_hidden_states", "past_key_values")
+UNSUPPORTED = ("inputs_embeds", "position_ids", "output_attentions", "output_hidden_states", "past_key_values", "cache")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,6 @@ def apply(model: nn.Module, cfg: PCWConfig, undo: Undo) -> Applied:
     )
 
 
-METHOD = register(Method(NAME, "absolute", DESCRIPTION, PCWConfig, apply, export_form="longctx",
+METHOD = register(Method(NAME, "absolute", DESCRIPTION, PCWConfig, apply, export_form="longctx", bounded=False,
                          compare_by_default=True, unchanged_within=True,
                          aliases=("chunk", "chunking")))

@@ -26,5 +26,5 @@ def apply(model: nn.Module, cfg: RecurrentConfig, undo: Undo) -> Applied:
     return install_positions(model, cfg, undo, "recurrent", False, [])
 
 
-METHOD = register(Method(NAME, "absolute", DESCRIPTION, RecurrentConfig, apply, export_form="longctx",
+METHOD = register(Method(NAME, "absolute", DESCRIPTION, RecurrentConfig, apply, export_form="longctx", bounded=False,
                          unchanged_within=True))

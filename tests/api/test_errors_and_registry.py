@@ -161,3 +161,27 @@ def test_a_new_method_is_one_module(tmp_path, monkeypatch):
         _ALIASES.pop("halfpi", None)
         sys.modules.pop("probe_methods.halfpi", None)
         sys.modules.pop("probe_methods", None)
+
+
+@pytest.mark.parametrize("method, params, warns", [("yarn", {"factor": 2.0}, True), ("selfextend", {"target_length": 128}, True),
+                                                   ("dca", {"target_length": 128}, False)])
+def test_an_input_past_the_target_length_is_warned_once(method, params, warns):
+    """A bounded method's extension holds up to its target length: the first input past it gets one warning naming
+    the method, the length and what to do; methods without a reach (DCA) warn nothing."""
+    import warnings
+
+    from conftest import build
+
+    model = build("llama")
+    longctx.patch(model, method, **params)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=torch.randint(4, 100, (1, 120)))
+        assert not [w for w in caught if "longctx:" in str(w.message)]
+        model(input_ids=torch.randint(4, 100, (1, 150)))
+        model(input_ids=torch.randint(4, 100, (1, 160)))
+    ours = [str(w.message) for w in caught if "longctx:" in str(w.message)]
+    if warns:
+        assert len(ours) == 1 and "150 tokens" in ours[0] and method in ours[0] and "target_length >= 150" in ours[0]
+    else:
+        assert not ours

@@ -95,3 +95,23 @@ def test_patched_context_manager_leaves_the_model_as_found():
         with longctx.patched(model, "selfextend", group_size=4, window=16):
             raise RuntimeError("inside the block")
     assert longctx.patch_info(model).method == "pi" and torch.equal(_out(model, ids), earlier)
+
+
+@pytest.mark.parametrize("block, message", [({"params": {}}, "needs a method name"), ("yarn", "must be an object"),
+                                            ({"method": "bogus", "params": {}}, "unknown method 'bogus'"),
+                                            ({"method": "selfextend", "params": [1]}, "'params' must be an object"),
+                                            ({"method": "selfextend", "params": {}, "form": "x"}, "'form' must be")])
+def test_a_malformed_longctx_block_is_a_clear_error(tmp_path, block, message):
+    import json
+
+    from conftest import build
+
+    model = build("llama")
+    longctx.patch(model, "selfextend", group_size=4, window=16)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["longctx"] = block
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as caught:
+        longctx.load(tmp_path)
+    assert "config.json: the 'longctx' block" in str(caught.value)

@@ -141,6 +141,8 @@ def test_passkey_resume_runs_only_missing_trials_and_reports_all(stories_path, t
     assert [(r["length"], r["depth"]) for r in payload["rows"]] == [(256, 0.0), (256, 1.0), (512, 0.0), (512, 1.0)]
     assert payload["rows"][:2] == first
     assert {(s["length"], s["trials"]) for s in payload["summary"]} == {(256, 2), (512, 2)}
+    lines = (out / "trials.jsonl").read_text().splitlines()  # the torn line went; no record glued onto it
+    assert [json.loads(line) for line in lines] == payload["rows"]
 
     # without --resume the file starts over
     assert runner.invoke(app, base + ["--lengths", "256"]).exit_code == 0
@@ -159,3 +161,61 @@ def test_passkey_on_an_encoder_runs_the_retrieval_variant(tmp_path):
     payload = json.loads((tmp_path / "p" / "results.json").read_text())
     assert payload["task"] == "retrieval" and payload["tasks"] == ["passkey"]
     assert not list((tmp_path / "p").glob("*.png"))
+
+
+def test_resume_with_other_parameters_keeps_them_apart(stories_path, tmp_path):
+    """A resumed run patched with other --param values: its trials are a row of their own, never pooled with the
+    earlier ones."""
+    out = tmp_path / "p"
+    base = ["eval", "passkey", "--model", str(stories_path), "--depths", "0,1", "--lengths", "1024",
+            "--compare", "selfextend", "--out", str(out), "--no-plots"]
+    assert runner.invoke(app, base + ["--param", "selfextend.group_size=4"]).exit_code == 0
+    result = runner.invoke(app, base + ["--param", "selfextend.group_size=8", "--resume"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert len(summary) == 2 and all(s["trials"] == 2 for s in summary)
+    params = sorted(s["params"] for s in summary)
+    assert '"group_size": 4' in params[0] and '"group_size": 8' in params[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "ppl", "--lengths", "512,,1024"], "--lengths takes comma-separated integers >= 2 (no empty item)"),
+    (["eval", "ppl", "--lengths", "512,"], "(no empty item)"),
+    (["eval", "needle", "--depths", "0,,1"], "--depths takes comma-separated numbers"),
+])
+def test_malformed_lists_are_refused(argv, message):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_texts_that_are_not_text_are_refused_before_loading(tmp_path, stories_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n")
+    for path, message in ((binary, "is a binary file"), (latin, "is not UTF-8 text"), (empty, "holds no words")):
+        result = runner.invoke(app, ["eval", "ppl", "--model", str(stories_path), "--text", str(path)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Loading weights" not in result.output
+        result = runner.invoke(app, ["eval", "needle", "--model", str(stories_path), "--haystack", str(path)])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_haystack_too_short_is_one_line_not_a_traceback(tmp_path, stories_path):
+    few = tmp_path / "few.txt"
+    few.write_text("one two three\n")
+    result = runner.invoke(app, ["eval", "needle", "--model", str(stories_path), "--haystack", str(few),
+                                 "--lengths", "512", "--compare", "vanilla"])
+    assert result.exit_code == 2 and "--haystack: the haystack has 3 words, too few" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_refused_command_leaves_no_output_directory(tmp_path, stories_path):
+    out = tmp_path / "new" / "results"
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only\n")
+    result = runner.invoke(app, ["eval", "ppl", "--model", str(stories_path), "--text", str(short), "--out", str(out)])
+    assert result.exit_code == 2 and "fewer than one window" in result.output
+    assert not (tmp_path / "new").exists()

@@ -132,3 +132,19 @@ def test_a_patched_model_is_measured_as_trained_and_keeps_its_patch(stories, tin
         assert longctx.patch_info(model).method == "pi"
     finally:
         longctx.unpatch(model)
+
+
+def test_auto_never_applies_a_method_measured_worse_than_the_model_as_it_is(stories, tinystories_text):
+    """At 2x, position interpolation is measured worse than stories260K as it is: 'auto' leaves the model unpatched
+    and says so (it applied it before); recommend marks that no candidate improves."""
+    from longctx.eval.recommend import NoImprovement
+
+    found = recommend(stories.model, 2 * 512, tokenizer=stories.tokenizer, text=tinystories_text, methods=["pi"])
+    reference = next(r for r in found.rows if r["rank"] is None)
+    assert found.winner["ppl"] > reference["ppl"] and not found.improves
+    assert found.winner["beats_reference"] is False
+    with pytest.raises(NoImprovement, match="no candidate measured better than the model as it is") as caught:
+        longctx.patch(stories.model, "auto", target_length=2 * 512, tokenizer=stories.tokenizer,
+                      text=tinystories_text, methods=["pi"])
+    assert not longctx.is_patched(stories.model)
+    assert caught.value.recommendation.rows[0]["method"] == "pi"

@@ -91,6 +91,10 @@ def test_load_task_errors_name_the_expected_files(tmp_path):
     _write(tmp_path, [{"doc_id": "d1", "text": "x"}], [{"qid": "q1", "text": "y"}], [{"qid": "q1", "doc_id": "zz"}])
     with pytest.raises(ValueError, match="does not exist"):
         load_task(tmp_path)
+    _write(tmp_path, [{"doc_id": "d1", "text": "x"}, {"doc_id": 1, "text": "z"}, {"doc_id": "1", "text": "w"}],
+           [{"qid": "q1", "text": "y"}], [{"qid": "q1", "doc_id": "d1"}])
+    with pytest.raises(ValueError, match=r"doc_id '1' appears twice \(entries 2 and 3\)"):
+        load_task(tmp_path)
 
 
 def test_distractors_and_random_depths():

@@ -46,6 +46,16 @@ def test_transformers_4_46_reads_yarn_and_pi_exports_and_saves_as_longctx_means_
     wrong = rows["yarn export (vllm)"]
     assert wrong["inv_freq"][1] == pytest.approx(0.1, rel=1e-5) and wrong["max_abs_diff"] > 1.0
     assert "pi export (vllm)" not in rows  # pi has one reading: the same config was written
+    # and 4.x reads them without a word: no key in rope_scaling it does not know (rope_theta went top level only)
+    import subprocess
+
+    for case in jobs["cases"]:
+        if ("yarn" in case["name"] or "pi" in case["name"]) and "vllm" not in case["name"]:  # (vLLM: its own keys)
+            done = subprocess.run([str(old_python), "-c", "import sys; from transformers import AutoConfig; "
+                                   "AutoConfig.from_pretrained(sys.argv[1])", case["dir"]],
+                                  capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+            assert done.returncode == 0, done.stderr[-500:]
+            assert "Unrecognized keys" not in done.stderr, (case["name"], done.stderr[-500:])
 
 
 def test_transformers_4_46_reads_gpt_neox_exports_under_its_own_names(tmp_path, old_python):

@@ -26,6 +26,10 @@ def _ids(n, batch=1, seed=0):
 
 
 def _hidden(model, ids, **kw):
+    if "position_ids" in kw and "attention_mask" not in kw:
+        # the oracle attends fully: transformers >= 5.25 reads non-consecutive position_ids without a mask as packed
+        # sequences (attention cut where positions do not step by one)
+        kw["attention_mask"] = torch.ones_like(ids)
     with torch.no_grad():
         return model(input_ids=ids, **kw).last_hidden_state
 

@@ -15,7 +15,10 @@ import torch
 from conftest import TRAINED, build
 from transformers import DynamicCache
 
+from longctx.models import cache_kwarg
 import longctx
+
+CACHE = cache_kwarg()  # the KV-cache keyword of this transformers release
 
 # cached decoding and a full forward take different fp32 kernel paths: unpatched, they already differ by ~1e-5
 TOL = 1e-4
@@ -32,10 +35,10 @@ def _cached_logits(model, ids):
     cache = DynamicCache(config=model.config)
     out = []
     with torch.no_grad():
-        logits = model(input_ids=ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids[:, :PROMPT], **{CACHE: cache}, use_cache=True).logits
         out.append(logits[:, -1])
         for t in range(PROMPT, ids.shape[1]):
-            logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids[:, t : t + 1], **{CACHE: cache}, use_cache=True).logits
             out.append(logits[:, -1])
     return torch.stack(out, 1)
 
@@ -135,9 +138,9 @@ def test_consistent_mode_layer0_keys_equal_recomputation_in_deep_models():
             model(input_ids=ids)
             full = seen[-1]
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :PROMPT], **{CACHE: cache}, use_cache=True)
             for t in range(PROMPT, ids.shape[1]):
-                model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, t : t + 1], **{CACHE: cache}, use_cache=True)
             incremental = seen[-1]
     finally:
         dn.ConsistentCacheRuntime._rerotate = original

@@ -12,7 +12,10 @@ import torch
 from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build, kernel_llama
 from transformers import DynamicCache
 
+from longctx.models import cache_kwarg
 import longctx
+
+CACHE = cache_kwarg()  # the KV-cache keyword of this transformers release
 
 DCA = SHARED / "fixtures" / "dca_official"
 REROPE = SHARED / "fixtures" / "rerope_official"
@@ -65,9 +68,9 @@ def test_dca_decode_equals_the_official_code():
     t = _tensors(DCA / "d1_N35_cross_chunk.safetensors")
     longctx.patch(model, "dca", target_length=128)
     cache = DynamicCache(config=model.config)
-    torch.testing.assert_close(_logits(model, t["input_ids"], past_key_values=cache, use_cache=True),
+    torch.testing.assert_close(_logits(model, t["input_ids"], **{CACHE: cache}, use_cache=True),
                                t["prefill_logits_nocast"], atol=1e-4, rtol=0)
-    steps = [_logits(model, tok.view(1, 1), past_key_values=cache, use_cache=True)[0, -1]
+    steps = [_logits(model, tok.view(1, 1), **{CACHE: cache}, use_cache=True)[0, -1]
              for tok in t["decode_input_tokens"]]
     torch.testing.assert_close(torch.stack(steps), t["decode_logits_nocast"], atol=1e-4, rtol=0)
     ids = t["input_ids"]
@@ -95,8 +98,8 @@ def test_rerope_cached_decoding_equals_the_official_prefill(case, params):
     t = _tensors(REROPE / f"{case}.safetensors")
     longctx.patch(model, "rerope", **params)
     ids, cache = t["input_ids"], DynamicCache(config=model.config)
-    first = _logits(model, ids[:, :60], past_key_values=cache, use_cache=True)
-    steps = [_logits(model, ids[:, p:p + 1], past_key_values=cache, use_cache=True)[0, -1] for p in range(60, 100)]
+    first = _logits(model, ids[:, :60], **{CACHE: cache}, use_cache=True)
+    steps = [_logits(model, ids[:, p:p + 1], **{CACHE: cache}, use_cache=True)[0, -1] for p in range(60, 100)]
     got = torch.cat((first[0], torch.stack(steps)))
     torch.testing.assert_close(got, t["logits"][0], atol=1e-4, rtol=0)
 
@@ -165,9 +168,9 @@ def test_chunked_prefill_and_cached_decode_equal_one_shot(model_type, variant):
     ids = _ids(120, seed=3)
     full = _logits(model, ids)
     cache = DynamicCache(config=model.config)
-    parts = [_logits(model, ids[:, :30], past_key_values=cache, use_cache=True)]  # below L: mscale 1
-    parts.append(_logits(model, ids[:, 30:57], past_key_values=cache, use_cache=True))
-    parts += [_logits(model, ids[:, p:p + 1], past_key_values=cache, use_cache=True) for p in range(57, 120)]
+    parts = [_logits(model, ids[:, :30], **{CACHE: cache}, use_cache=True)]  # below L: mscale 1
+    parts.append(_logits(model, ids[:, 30:57], **{CACHE: cache}, use_cache=True))
+    parts += [_logits(model, ids[:, p:p + 1], **{CACHE: cache}, use_cache=True) for p in range(57, 120)]
     chunked = torch.cat(parts, 1)
     if variant == "dca":  # the mscale of 120 tokens scales every pair of the one-shot run; the cached keys carry
         # the mscale of the step that wrote them (1 up to 64 tokens): only the 30-token prefill is the same function
@@ -287,9 +290,9 @@ def test_triton_chunked_prefill_and_cached_decode_equal_one_shot(variant):
     ids = _ids(95, seed=3).to(DEVICE)
     full = _logits(model, ids)
     cache = DynamicCache(config=model.config)
-    parts = [_logits(model, ids[:, :30], past_key_values=cache, use_cache=True),
-             _logits(model, ids[:, 30:87], past_key_values=cache, use_cache=True)]
-    parts += [_logits(model, ids[:, p:p + 1], past_key_values=cache, use_cache=True) for p in range(87, 95)]
+    parts = [_logits(model, ids[:, :30], **{CACHE: cache}, use_cache=True),
+             _logits(model, ids[:, 30:87], **{CACHE: cache}, use_cache=True)]
+    parts += [_logits(model, ids[:, p:p + 1], **{CACHE: cache}, use_cache=True) for p in range(87, 95)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
 

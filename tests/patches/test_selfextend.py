@@ -10,8 +10,11 @@ import torch
 from conftest import ENCODERS, FAMILIES, SHARED, TRAINED, build, kernel_llama
 from transformers import DynamicCache
 
+from longctx.models import cache_kwarg
 import longctx
 from longctx.models import NotARopeModelError
+
+CACHE = cache_kwarg()  # the KV-cache keyword of this transformers release
 
 FIXTURE = SHARED / "fixtures" / "selfextend_official"
 DECODERS = sorted(k for k in FAMILIES if k not in ENCODERS)
@@ -102,7 +105,7 @@ def test_chunked_prefill_and_cached_decode_equal_one_shot(model_type):
     pieces = []
     with torch.no_grad():
         for start, end in [(0, 70), (70, 130), (130, 190)] + [(t, t + 1) for t in range(190, 200)]:
-            pieces.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+            pieces.append(model(input_ids=ids[:, start:end], **{CACHE: cache}, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, **TOL)
 
 
@@ -196,9 +199,9 @@ def test_decode_rotates_only_the_new_keys(monkeypatch):
     ids = _ids(140)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        pieces = [model(input_ids=ids[:, :130], past_key_values=cache, use_cache=True).logits]
+        pieces = [model(input_ids=ids[:, :130], **{CACHE: cache}, use_cache=True).logits]
         for t in range(130, 140):
-            pieces.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(model(input_ids=ids[:, t : t + 1], **{CACHE: cache}, use_cache=True).logits)
     layers = model.config.num_hidden_layers
     assert rotated == [130] * layers + [1] * (10 * layers)
     assert getattr(cache.layers[0], "_longctx_kept_keys").length == 140
@@ -213,11 +216,11 @@ def test_cache_edits_recompute_the_grouped_keys():
     ids = _ids(150, batch=2, seed=3)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :140], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :140], **{CACHE: cache}, use_cache=True)
         cache.crop(-20)  # keep the first 120 tokens
-        cropped = model(input_ids=ids[:, 120:125], past_key_values=cache, use_cache=True).logits
+        cropped = model(input_ids=ids[:, 120:125], **{CACHE: cache}, use_cache=True).logits
         cache.reorder_cache(torch.tensor([1, 0]))
-        swapped = model(input_ids=ids.flip(0)[:, 125:130], past_key_values=cache, use_cache=True).logits
+        swapped = model(input_ids=ids.flip(0)[:, 125:130], **{CACHE: cache}, use_cache=True).logits
     torch.testing.assert_close(cropped, _logits(model, ids[:, :125])[:, 120:], **TOL)
     torch.testing.assert_close(swapped, _logits(model, ids.flip(0)[:, :130])[:, 125:], **TOL)
 
@@ -275,10 +278,10 @@ def test_triton_chunked_prefill_extends_the_kept_grouped_keys():
     longctx.unpatch(model)
     longctx.patch(model, "selfextend", group_size=4, window=16, attn_backend="triton")
     cache = DynamicCache(config=model.config)
-    first = _logits(model, ids[:, :50], attention_mask=mask[:, :50], position_ids=pos[:, :50], past_key_values=cache,
+    first = _logits(model, ids[:, :50], attention_mask=mask[:, :50], position_ids=pos[:, :50], **{CACHE: cache},
                     use_cache=True)
     kept = cache.layers[0]._longctx_kept_keys
-    second = _logits(model, ids[:, 50:], attention_mask=mask, position_ids=pos[:, 50:], past_key_values=cache,
+    second = _logits(model, ids[:, 50:], attention_mask=mask, position_ids=pos[:, 50:], **{CACHE: cache},
                      use_cache=True)
     assert cache.layers[0]._longctx_kept_keys is kept and kept.length == 90  # extended, not recomputed
     longctx.unpatch(model)
@@ -300,10 +303,10 @@ def test_torch_decode_of_a_left_padded_batch_extends_the_kept_grouped_keys():
     try:
         whole = _logits(model, ids, attention_mask=mask, position_ids=pos)
         cache = DynamicCache(config=model.config)
-        _logits(model, ids[:, :40], attention_mask=mask[:, :40], position_ids=pos[:, :40], past_key_values=cache,
+        _logits(model, ids[:, :40], attention_mask=mask[:, :40], position_ids=pos[:, :40], **{CACHE: cache},
                 use_cache=True)
         kept = cache.layers[1]._longctx_kept_keys
-        step = _logits(model, ids[:, 40:], attention_mask=mask, position_ids=pos[:, 40:], past_key_values=cache,
+        step = _logits(model, ids[:, 40:], attention_mask=mask, position_ids=pos[:, 40:], **{CACHE: cache},
                        use_cache=True)
         assert cache.layers[1]._longctx_kept_keys is kept and kept.length == 41
         torch.testing.assert_close(step[:, -1], whole[:, -1], **TOL)
