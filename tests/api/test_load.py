@@ -115,3 +115,23 @@ def test_a_malformed_longctx_block_is_a_clear_error(tmp_path, block, message):
     with pytest.raises(ValueError, match=message) as caught:
         longctx.load(tmp_path)
     assert "config.json: the 'longctx' block" in str(caught.value)
+
+
+@pytest.mark.parametrize("method, params", [("yarn", {"factor": 4.0}), ("selfextend", {"group_size": 4, "window": 16})])
+def test_load_in_bfloat16_keeps_fp32_rotary_frequencies(tmp_path, method, params):
+    """As transformers loads a model in a dtype: the rotary frequencies stay fp32 (they were cast to bf16, 3 digits),
+    so longctx.load gives what plain transformers gives for a standard form."""
+    from transformers import AutoModelForCausalLM
+
+    model = build("llama")
+    info = longctx.patch(model, method, **params)
+    model.save_pretrained(tmp_path)
+    loaded = longctx.load(tmp_path, dtype=torch.bfloat16)
+    frequencies = {n: b.dtype for n, b in loaded.named_buffers() if n.endswith("inv_freq")}
+    assert frequencies and set(frequencies.values()) == {torch.float32}, frequencies
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    if info.form == "config":
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        ids = torch.randint(4, 100, (1, 200), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -349,3 +349,18 @@ def test_phi3_saves_what_its_config_class_refuses_as_a_longctx_block(name, tmp_p
     assert longctx.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name, index", METHOD_CASES)
+def test_unpatch_through_a_peft_wrapper(name, index):
+    """``longctx.unpatch(peft_model)`` reaches the patched base model (it raised) and restores its outputs."""
+    import peft
+
+    wrapped = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = _ids(2 * TRAINED)
+    with torch.no_grad():
+        before = wrapped(input_ids=ids).logits
+        longctx.patch(wrapped, name, **_example(name, index))
+        assert not torch.equal(wrapped(input_ids=ids).logits, before)
+        assert longctx.unpatch(wrapped) and not longctx.is_patched(wrapped)
+        assert torch.equal(wrapped(input_ids=ids).logits, before)
