@@ -25,4 +25,5 @@ def test_runnable_example_runs_as_printed(name, block, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     exec(compile(block, f"docs/methods/{name}.md", "exec"), {"__name__": "__docs__"})
     printed = capsys.readouterr().out
-    assert f"longctx: {name} applied: trained 512 -> target 4096" in printed, printed
+    target = {"string": 638}.get(name, 4096)  # STRING's page stays inside its reach L + S - W (S = 168, W = 42)
+    assert f"longctx: {name} applied: trained 512 -> target {target}" in printed, printed

@@ -14,6 +14,11 @@ merged by log-sum-exp. ``breaks`` are the query positions where the intervals ju
   i − j < w keep (i, j); farther pairs use the query at w and the key at 0 (relative w). Leaky ReRoPE (``leaky=k``):
   farther pairs use the query at ``(i + w(k − 1)) / k`` and the key at ``j / k`` (relative ``w + (i − j − w)/k``).
 
+* :class:`STRINGMap` — STRING (An et al., ICLR 2025, ``HKUNLP/STRING``): pairs with i − j < S (the shifted offset)
+  keep (i, j); farther pairs put the query at i − S + W (W the local window) and keep the key, so their relative
+  position d − S + W reuses the well-trained small distances. Each key once (the rule of the official decode; its
+  prefill counts the key at d = S in both branches, see ``docs/methods/string.md``).
+
 Positions are returned as float64 (the leaky map is fractional); angles are formed in fp32 by the kernels.
 """
 
@@ -24,7 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PairMap", "DCAMap", "ReRoPEMap", "dca_geometry", "dca_mscale", "rerope_log_scale"]
+__all__ = ["PairMap", "DCAMap", "ReRoPEMap", "STRINGMap", "dca_geometry", "dca_mscale", "rerope_log_scale",
+           "string_geometry", "STRING_ATTENTION_FACTOR"]
+
+STRING_ATTENTION_FACTOR = 0.1 * math.log(2) + 1  # the official code multiplies cos and sin by it at every length
 
 
 class PairMap:
@@ -166,6 +174,58 @@ class ReRoPEMap(PairMap):
 
     def intervals(self, b: int, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         edge = (i - self.window + 1).clamp(min=0)
+        if b == 0:
+            return edge, i + 1
+        return torch.zeros_like(i), edge
+
+
+def string_geometry(trained_length: int, shifted_offset: int | None = None, local_window: int | None = None,
+                    target_length: int | None = None) -> tuple[int, int]:
+    """``(S, W)`` of STRING for a model trained at L: the paper's defaults S = int(0.33·L) (its RULER setting) and
+    W = 128 capped at S // 4 for small L; a ``target_length`` N past the reach L + S − W raises S to N − L + W (the
+    farthest pair, d = N − 1, then sits at relative position L − 1). Needs 1 <= W < S < L."""
+    L = int(trained_length)
+    S = int(shifted_offset) if shifted_offset is not None else int(0.33 * L)
+    W = int(local_window) if local_window is not None else min(128, max(1, S // 4))
+    if shifted_offset is None and target_length is not None:
+        S = max(S, int(target_length) - L + W)
+    if not 1 <= W < S:
+        raise ValueError(f"string: needs 1 <= local_window < shifted_offset, got shifted_offset={S}, local_window={W}")
+    if S >= L:
+        reach = f" (to reach target_length={target_length}, S = N - L + W = {S})" if target_length else ""
+        raise ValueError(f"string: shifted_offset={S} must be smaller than the trained length {L}{reach}: STRING "
+                         f"reaches at most L + S - W < 2L - W tokens")
+    if target_length is not None and int(target_length) > L + S - W:
+        raise ValueError(f"string: shifted_offset={S}, local_window={W} reach {L + S - W} tokens (L + S - W), not "
+                         f"target_length={target_length}; raise shifted_offset or leave it to be solved")
+    return S, W
+
+
+@dataclass(frozen=True)
+class STRINGMap(PairMap):
+    """STRING's map (see the module docstring): branches near (i, j) and shifted (query at i − S + W, key at j)."""
+
+    shifted_offset: int
+    local_window: int
+    branches: tuple[str, ...] = ("near", "shifted")
+    variants: tuple[int, ...] = (0, 0)
+
+    def branch(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return (i - j >= self.shifted_offset).long()
+
+    def query_positions(self, b: int, i: torch.Tensor) -> torch.Tensor:
+        if b == 0:
+            return i.double()
+        return i.double() - self.shifted_offset + self.local_window
+
+    def key_positions(self, variant: int, j: torch.Tensor) -> torch.Tensor:
+        return j.double()
+
+    def key_identity(self, variant: int) -> bool:
+        return True
+
+    def intervals(self, b: int, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        edge = (i - self.shifted_offset + 1).clamp(min=0)
         if b == 0:
             return edge, i + 1
         return torch.zeros_like(i), edge

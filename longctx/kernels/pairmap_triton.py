@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from longctx.core.pairmaps import DCAMap, PairMap, ReRoPEMap
+from longctx.core.pairmaps import DCAMap, PairMap, ReRoPEMap, STRINGMap
 
 from . import selfextend_triton as _se
 from .selfextend_triton import HEAD_DIMS, LOG2E, Unsupported, available, interpreted, row_layout, triton
@@ -42,12 +42,14 @@ __all__ = ["available", "supports", "row_layout", "pairmap_attention_triton", "U
 
 def map_form(pmap: PairMap) -> tuple[int, int, int, float, tuple[int, ...]] | None:
     """``(kind, p0, p1, leaky, variants)`` of a map the kernel computes (kind 0: DCA with p0 = c, p1 = s; kind 1:
-    ReRoPE with p0 = w, leaky = (k − 1)/k or 0), or None."""
+    ReRoPE with p0 = w, leaky = (k − 1)/k or 0; kind 2: STRING with p0 = S, p1 = W), or None."""
     if isinstance(pmap, DCAMap):
         return 0, pmap.chunk_len, pmap.chunk_size, 0.0, tuple(pmap.variants)
     if isinstance(pmap, ReRoPEMap):
         k = float(pmap.leaky) if pmap.leaky is not None else 0.0
         return 1, pmap.window, 0, (k - 1.0) / k if k else 0.0, tuple(pmap.variants)
+    if isinstance(pmap, STRINGMap):
+        return 2, pmap.shifted_offset, pmap.local_window, 0.0, tuple(pmap.variants)
     return None
 
 
@@ -82,14 +84,17 @@ if triton is not None:
                 delta = tl.minimum(2 * p0 - 1, p1) - pos
                 lo = start * 0
                 hi = tl.maximum(start - p0, 0)
-        else:  # ReRoPE: p0 = w; near keys where they are, far keys at 0 (leaky: j / k)
+        else:  # ReRoPE: p0 = w; near keys where they are, far keys at 0 (leaky: j / k). STRING: p0 = S, p1 = W
             edge = tl.maximum(pos - p0 + 1, 0)
             if B == 0:
                 delta = pos * 0
                 lo = edge
                 hi = pos + 1
             else:
-                delta = p0 - pos
+                if KIND == 1:
+                    delta = p0 - pos
+                else:  # STRING: the query at i − S + W, keys where they are
+                    delta = pos * 0 + (p1 - p0)
                 lo = edge * 0
                 hi = edge
         delta = delta.to(tl.float32)
@@ -144,7 +149,7 @@ if triton is not None:
             _d1, _l1, hi_b = _branch(p_hi, B, KIND, p0, p1, leaky, LEAKY)
             start = tl.maximum(lo_b - pos_off, lo_all)
             end = tl.minimum(hi_b - pos_off, hi_all)
-            if KIND == 1 and B == 0:  # near keys: the query where it is
+            if KIND >= 1 and B == 0:  # near keys: the query where it is
                 qb1 = q1
                 qb2 = q2
             else:

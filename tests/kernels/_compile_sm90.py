@@ -64,15 +64,18 @@ PAIRMAP = {
     "pairmap-dca-decode": ("dca", 1, 32768, 32, 8, 128, torch.bfloat16),
     "pairmap-leaky-decode-wide": ("leaky", 1, 32768, 16, 8, 256, torch.bfloat16),
     "pairmap-dca-decode-fp32-wide": ("dca", 1, 32768, 16, 8, 256, torch.float32),
+    "pairmap-string-prefill": ("string", 4096, 4096, 32, 8, 128, torch.bfloat16),
+    "pairmap-string-decode": ("string", 1, 32768, 32, 8, 128, torch.bfloat16),
 }
 
 
 def _pairmap_call(name: str):
-    from longctx.core.pairmaps import DCAMap, ReRoPEMap
+    from longctx.core.pairmaps import DCAMap, ReRoPEMap, STRINGMap
     from longctx.kernels import pairmap_triton
 
     which, q_len, kv_len, heads, kv_heads, dim, dtype = PAIRMAP[name]
-    pmap = {"dca": DCAMap(3072, 512), "rerope": ReRoPEMap(512), "leaky": ReRoPEMap(512, 16.0)}[which]
+    pmap = {"dca": DCAMap(3072, 512), "rerope": ReRoPEMap(512), "leaky": ReRoPEMap(512, 16.0),
+            "string": STRINGMap(1351, 128)}[which]
     return pairmap_triton.example_call(q_len, kv_len, pmap, heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype)
 
 

@@ -81,17 +81,19 @@ def test_causal_prefill_scores_are_one_tensor_core_chain(defaults):
 
 
 def test_pairmap_launches_compile_fit_do_not_spill_and_use_tensor_cores():
-    """The pair-map kernel (DCA, ReRoPE, Leaky ReRoPE): every shape class's default launch, prefill and decode."""
+    """The pair-map kernel (DCA, ReRoPE, Leaky ReRoPE, STRING): every shape class's default launch, prefill and
+    decode."""
     launches = _compile("--pairmap")
     calls = {r["call"] for r in launches}
-    assert len(calls) == 10 and all(c.startswith("pairmap-") for c in calls)
+    assert len(calls) == 12 and all(c.startswith("pairmap-") for c in calls)
     assert {r["kernel"] for r in launches} == {"_pairmap_fwd", "_merge_splits"}
     for r in launches:
         assert r["fits"], r
         assert r["stack"] is not None and r["stack"] <= 40, r
         if r["kernel"] == "_pairmap_fwd":
             assert r["cp_async"] > 0, r  # K / V loads software-pipelined
-    for call in ("pairmap-dca-prefill", "pairmap-leaky-prefill", "pairmap-rerope-prefill-gqa3-d64"):
+    for call in ("pairmap-dca-prefill", "pairmap-leaky-prefill", "pairmap-rerope-prefill-gqa3-d64",
+                 "pairmap-string-prefill"):
         attention = next(r for r in launches if r["call"] == call and r["kernel"] == "_pairmap_fwd")
         assert attention["wgmma"] > 0, attention  # bf16 products on Hopper's tensor cores
         assert len(attention["loops"]) == (3 if "dca" in call else 2), attention  # one key loop per branch

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longctx.core.pairmaps import DCAMap, ReRoPEMap, rerope_log_scale
+from longctx.core.pairmaps import DCAMap, ReRoPEMap, STRINGMap, rerope_log_scale
 from longctx.core.rope import default_inv_freq, rotate_by_angles
 from longctx.kernels import pairmap_triton as kernel
 from longctx.kernels.pairmap_torch import pairmap_attention, pairmap_attention_naive, variant_keys
@@ -21,6 +21,7 @@ MAPS = {
     "dca": DCAMap(chunk_size=24, local_window=4),  # c = 20: several chunks within the shapes below
     "rerope": ReRoPEMap(window=8),
     "leaky": ReRoPEMap(window=8, leaky=4.0),
+    "string": STRINGMap(shifted_offset=12, local_window=3),
 }
 
 
