@@ -18,7 +18,7 @@ from .registry import Method, get_method, register, registry
 
 __all__ = ["Method", "get_method", "register", "registry", "import_methods"]
 
-ORDER = ("pi", "ntk", "dynamic_ntk", "yarn", "selfextend", "dca", "rerope", "string", "clex", "v2pe", "absolute")
+ORDER = ("pi", "ntk", "dynamic_ntk", "yarn", "longrope", "selfextend", "dca", "rerope", "string", "clex", "v2pe", "absolute")
 MACHINERY = {"base", "registry", "rope_common", "attention", "pairmap"}
 
 

@@ -53,6 +53,10 @@ class Check:
         """What is allowed, in words ("an integer >= 1", "one of 'int', 'float'", …)."""
         if self.kind is bool:
             return "true or false"
+        if self.kind is tuple:  # a list of numbers, each within the bounds
+            bounds = [f"{op} {_num(v)}" for op, v in ((">", self.gt), (">=", self.ge), ("<", self.lt),
+                                                     ("<=", self.le)) if v is not None]
+            return "a non-empty list of finite numbers" + (" each " + " and ".join(bounds) if bounds else "")
         named = ", ".join(repr(c) for c in self.choices)
         if self.kind is str:
             return f"one of {named}" if self.choices else "a string"
@@ -71,6 +75,11 @@ class Check:
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
+        elif self.kind is tuple:
+            if isinstance(value, (list, tuple)) and value and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+                    and self._in_range(float(x)) for x in value):
+                return tuple(float(x) for x in value)
         elif self.kind is str:
             if isinstance(value, str) and not self.choices:
                 return value

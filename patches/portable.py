@@ -167,6 +167,9 @@ READERS = {
                                  "the full target (short inputs differ from transformers); vLLM 0.22 … 0.33 takes "
                                  "both its lengths from max_position_embeddings on Llama-family models and applies "
                                  "no scaling: do not serve it there (use yarn or pi)",
+    ("longrope", "transformers"): "reads the same in transformers 4.46.3 and 5.25 (measured: bench/export_compat.py); "
+                                  "vLLM and SGLang read rope_type 'longrope' for Phi-3, not yet checked from their "
+                                  "sources for this export",
     ("yarn", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.12 … 0.29; vLLM ≤ 0.11 stops with "
                               "KeyError 'original_max_position_embeddings' and vLLM ≥ 0.30 serves only the trained "
                               "length: for those, export with config_for='vllm' (--config-for vllm)",

@@ -26,6 +26,7 @@ __all__ = [
     "resolve_factor",
     "rotate_by_angles",
     "rotation_tables",
+    "ntk_factors",
     "apply_rotation",
 ]
 
@@ -154,6 +155,15 @@ def resolve_factor(trained_length: int, factor: float | None = None, target_leng
         return float(from_target)
     _check_factor(factor)
     return float(factor)
+
+
+def ntk_factors(rotary_dim: int, factor: float) -> list[float]:
+    """Static NTK as per-dimension frequency factors (LongRoPE's form): θ' = θ·s^(d/(d−2)) divides the frequency of
+    pair i by λ_i = s^(2i/(d−2)), i = 0 … d/2 − 1 (λ_0 = 1: the fastest dimension keeps its frequency)."""
+    d = int(rotary_dim)
+    if d < 4:
+        return [1.0] + [float(factor)] * (d // 2 - 1)
+    return [float(factor) ** (2 * i / (d - 2)) for i in range(d // 2)]
 
 
 def rotation_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

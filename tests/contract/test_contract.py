@@ -218,7 +218,10 @@ def test_every_parameter_is_validated(name, tmp_path):
     assert checks, f"{name} declares no validated parameter"
     for param, check in checks.items():
         bad = list(NEVER_ALLOWED)
-        if check.kind in (int, float):
+        if check.kind is tuple:  # a list of numbers: [1] may be one; lists of bad numbers are not
+            bad = [float("nan"), float("inf"), -3, 2.0, "abc", True, [], [float("nan")], [float("inf")], [-3.0],
+                   [True], ["x"], [[1.0]]]
+        elif check.kind in (int, float):
             bad += [True, "abc"]
             if not (check.ge is not None and check.ge <= 0):
                 bad.append(0)

@@ -32,11 +32,12 @@ def old_python():
 def test_transformers_4_46_reads_yarn_and_pi_exports_and_saves_as_longctx_means_them(tmp_path, old_python,
                                                                                      stories_path):
     bench = _bench()
-    todo = [c for c in bench.cases(["yarn", "pi"], factor=8.0)]
+    todo = [c for c in bench.cases(["yarn", "pi", "longrope"], factor=8.0)]
     jobs = bench.write_cases(tmp_path, todo, length=4096)
     rows = {r["case"]: r for r in bench.read_with(old_python, jobs)}
     assert all(r["transformers"] == RELEASE for r in rows.values())
-    for name in ("yarn export", "yarn save_pretrained", "pi export", "pi save_pretrained"):
+    for name in ("yarn export", "yarn save_pretrained", "pi export", "pi save_pretrained", "longrope export",
+                 "longrope save_pretrained"):
         assert "error" not in rows[name], rows[name]
         assert rows[name]["max_abs_diff"] < 1e-4, (name, rows[name]["max_abs_diff"])
     # yarn 8x on head dim 8: the frequencies every release reads (the ramp over the trained length 512)
@@ -50,7 +51,7 @@ def test_transformers_4_46_reads_yarn_and_pi_exports_and_saves_as_longctx_means_
     import subprocess
 
     for case in jobs["cases"]:
-        if ("yarn" in case["name"] or "pi" in case["name"]) and "vllm" not in case["name"]:  # (vLLM: its own keys)
+        if any(m in case["name"] for m in ("yarn", "pi", "longrope")) and "vllm" not in case["name"]:  # (vLLM's own)
             done = subprocess.run([str(old_python), "-c", "import sys; from transformers import AutoConfig; "
                                    "AutoConfig.from_pretrained(sys.argv[1])", case["dir"]],
                                   capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
