@@ -21,7 +21,7 @@ _PUBLIC = {
     "export": "export", "ExportResult": "export", "ExportError": "export",
     "v2pe_position_ids": "core.positions",
 }
-__all__ = sorted([*_PUBLIC, "patch"]) + ["__version__"]
+__all__ = sorted([*_PUBLIC, "patch", "search"]) + ["__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .api import PatchInfo, inspect, is_patched, load, methods, patch_info, patched, unpatch
@@ -43,6 +43,15 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
     from .api import patch as patch_one
 
     return patch_one(model, method, tokenizer=tokenizer, **params)
+
+
+def search(model: Any, method: str = "longrope", **options: Any) -> Any:
+    """Search ``method``'s parameters for ``model`` at ``target_length`` on ``text`` within ``budget_s`` seconds
+    (``longctx.eval.search.search``: LongRoPE's factor search seeded with PI, NTK and YaRN); returns a
+    ``SearchResult`` whose ``params`` patch the winner: ``longctx.patch(model, "longrope", **result.params)``."""
+    from .eval.search import search as run
+
+    return run(model, method, **options)
 
 
 def __getattr__(name: str) -> Any:

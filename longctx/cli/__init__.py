@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from . import evaluate, export, inspect_model, methods, recommend  # noqa: F401  (each registers its command)
+from . import evaluate, export, inspect_model, methods, recommend, search  # noqa: F401  (each registers its command)
 from .common import app, eval_app
 
 __all__ = ["app", "eval_app", "main"]

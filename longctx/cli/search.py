@@ -1,0 +1,94 @@
+"""``longctx search MODEL --method longrope --target-length N --text FILE --budget SECONDS [--export OUT]``:
+LongRoPE's factor search (see ``longctx.eval.search``), its candidates' table and the winner, exported as a standard
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (DEFAULT_TEXT, app, check_out, console, fail, load_model, model_spec, positive, read_text,
+                     text_source)
+from .evaluate import _model_name
+
+
+@app.command("search")
+def search_cmd(
+    model: Annotated[str, typer.Argument(help="Decoder: a model directory, .gguf file or 'smollm2'.")],
+    target_length: Annotated[int, typer.Option(help="The context length to search the factors for, in tokens.")],
+    method: Annotated[str, typer.Option(help="What to search: 'longrope' (per-dimension frequency factors).")] = \
+        "longrope",
+    text: Annotated[str, typer.Option(help="The search text (file or folder; 'emma' = the bundled text); hold out "
+                                           "the text you evaluate on.")] = DEFAULT_TEXT,
+    budget: Annotated[int, typer.Option(help="Seconds the search may take (the PI / NTK / YaRN seeds always run; "
+                                               "the trial running when it ends finishes).")] = 600,
+    windows: Annotated[int, typer.Option(help="Windows of N tokens each candidate's perplexity is measured on.")] = 2,
+    max_trials: Annotated[Optional[int], typer.Option(help="At most this many candidates (seeds included).")] = None,
+    seed: Annotated[int, typer.Option(help="The sampler's seed (same seed, text and model: same candidates).")] = 0,
+    export: Annotated[Optional[Path], typer.Option(help="Write the winner here as a standard checkpoint "
+                                                        "(plain transformers loads it extended).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write search.json (every candidate) here.")] = None,
+):
+    """Search per-dimension frequency factors for MODEL at the target length (LongRoPE's evolutionary search on
+    perplexity, seeded with PI, NTK and YaRN, bounded by --budget); print every candidate, the winner's patch line,
+    and with --export write it as a checkpoint."""
+    from longctx.eval.search import METHODS
+
+    model_spec(model)
+    if method not in METHODS:
+        fail(f"--method: longctx search searches {', '.join(METHODS)}; got '{method}'")
+    positive("--target-length", target_length, 2)
+    positive("--budget", budget, 1)
+    positive("--windows", windows, 1)
+    positive("--max-trials", max_trials, 1)
+    text_source(text)
+    if export is not None and export.exists():
+        fail(f"--export: {export} exists; give a new directory (an export never overwrites one here)")
+    check_out(out)
+
+    import longctx
+    from longctx.eval.search import search
+
+    loaded = load_model(model)
+    if loaded.kind != "decoder":
+        fail(f"{model} is an embedding model; longctx search measures a decoder's perplexity")
+    trained = longctx.inspect(loaded.model).trained_length
+    if target_length <= trained:
+        fail(f"--target-length ({target_length}) must be longer than {model}'s trained length ({trained})")
+    console.print(f"[bold]{model}[/]: trained {trained}; searching {method} factors at {target_length} tokens "
+                  f"(budget {budget} s, {windows} window(s), seed {seed})")
+    try:
+        found = search(loaded.model, method, target_length=target_length, tokenizer=loaded.tokenizer,
+                       text=read_text(text), budget_s=budget, max_trials=max_trials, windows=windows, seed=seed,
+                       log=lambda line: typer.echo(f"  {line}"))
+    except ValueError as e:
+        fail(str(e))
+    _table(found, model)
+    typer.echo(f"stopped: {found.stopped}; {len(found.rows)} candidates in {found.seconds:.0f} s")
+    typer.echo(f"apply:  longctx.patch(model, \"{method}\", **{json.dumps(found.params)})")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "search.json").write_text(json.dumps({**found.to_dict(), "model": model}, indent=2))
+        typer.echo(f"wrote {out / 'search.json'}")
+    if export is not None:
+        result = longctx.export(model, export, method, progress=False, **found.params)
+        typer.echo(f"export: {export} ({result.form} form)")
+
+
+def _table(found, model: str) -> None:
+    from rich.table import Table
+
+    seeds = [r for r in found.rows if r["source"] != "search"]
+    searched = sorted((r for r in found.rows if r["source"] == "search"), key=lambda r: r["ppl"])[:10]
+    table = Table(title=f"longctx search — {_model_name(model)}, longrope at {found.target_length} tokens "
+                        f"(trained {found.trained_length})", caption=found.measured)
+    for col in ("candidate", "ppl", "attention", "long_factor", "seconds"):
+        table.add_column(col, justify="left" if col in ("candidate", "long_factor") else "right")
+    for row in [*seeds, *searched]:
+        factors = ", ".join(f"{x:.3g}" for x in row["long_factor"])
+        name = f"{row['source']} #{row['trial']}" + (" (best)" if row is found.best else "")
+        table.add_row(name, f"{row['ppl']:.3f}", f"{row['attention_factor']:.3f}", factors, f"{row['seconds']:.1f}")
+    console.print(table)
