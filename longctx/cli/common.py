@@ -16,7 +16,7 @@ import typer
 
 __all__ = ["app", "eval_app", "console", "fail", "methods_list", "method_params", "int_list", "float_list",
            "positive", "model_spec", "text_source", "check_out", "read_text", "write_results", "plots_enabled",
-           "load_model", "DEFAULT_TEXT", "BASELINE_DECODER", "BASELINE_ENCODER"]
+           "load_model", "trained_below", "DEFAULT_TEXT", "BASELINE_DECODER", "BASELINE_ENCODER"]
 
 app = typer.Typer(
     help="longctx: give existing Hugging Face checkpoints a longer context window, without training.",
@@ -230,6 +230,16 @@ def load_model(model: str) -> Any:
             return load(model)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+
+
+def trained_below(loaded: Any, model: str, target_length: int) -> int:
+    """The loaded model's trained length, after failing (one line) where ``--target-length`` does not exceed it."""
+    import longctx
+
+    trained = longctx.inspect(loaded.model).trained_length
+    if target_length <= trained:
+        fail(f"--target-length ({target_length}) must be longer than {model}'s trained length ({trained})")
+    return trained
 
 
 def plots_enabled(plots: bool, out: Path | None) -> bool:

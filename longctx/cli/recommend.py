@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .evaluate import _model_name
-from .common import (DEFAULT_TEXT, app, check_out, console, fail, load_model, methods_list, model_spec, positive,
+from .common import (trained_below, DEFAULT_TEXT, app, check_out, console, fail, load_model, methods_list, model_spec, positive,
                      read_text, text_source)
 
 
@@ -39,13 +39,10 @@ def recommend_cmd(
     methods = methods_list(compare, "--compare", ()) if compare else None
     check_out(out)
 
-    import longctx
     from longctx.eval.recommend import recommend
 
     loaded = load_model(model)
-    trained = longctx.inspect(loaded.model).trained_length
-    if target_length <= trained:
-        fail(f"--target-length ({target_length}) must be longer than {model}'s trained length ({trained})")
+    trained = trained_below(loaded, model, target_length)
     console.print(f"[bold]{model}[/]: {loaded.kind}, trained {trained}; measuring candidates at {target_length} "
                   f"tokens (budget {budget:.0f} s)")
     try:

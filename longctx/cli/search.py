@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DEFAULT_TEXT, app, check_out, console, fail, load_model, model_spec, positive, read_text,
+from .common import (trained_below, DEFAULT_TEXT, app, check_out, console, fail, load_model, model_spec, positive, read_text,
                      text_source)
 from .evaluate import _model_name
 
@@ -55,9 +55,7 @@ def search_cmd(
     loaded = load_model(model)
     if loaded.kind != "decoder":
         fail(f"{model} is an embedding model; longctx search measures a decoder's perplexity")
-    trained = longctx.inspect(loaded.model).trained_length
-    if target_length <= trained:
-        fail(f"--target-length ({target_length}) must be longer than {model}'s trained length ({trained})")
+    trained = trained_below(loaded, model, target_length)
     console.print(f"[bold]{model}[/]: trained {trained}; searching {method} factors at {target_length} tokens "
                   f"(budget {budget} s, {windows} window(s), seed {seed})")
     try:
