@@ -14,6 +14,7 @@ import torch
 from conftest import ENCODERS, FAMILIES, TRAINED, build
 
 import longctx
+from longctx.core.rope import ntk_factors
 from longctx.registry import registry
 
 FACTOR = 4.0
@@ -44,7 +45,21 @@ BUILTIN = {
         "factor": FACTOR,
         "original_max_position_embeddings": TRAINED,
     },
+    "longrope": lambda p, m: {  # its default: NTK's factors per dimension past L, the model's own within
+        **p,
+        "rope_type": "longrope",
+        "factor": FACTOR,
+        "long_factor": ntk_factors(_rotary(m, p), FACTOR),
+        "short_factor": [1.0] * (_rotary(m, p) // 2),
+        "original_max_position_embeddings": TRAINED,
+    },
 }
+
+
+def _rotary(model, params) -> int:
+    from longctx.models import find_rotary_modules, rotary_dim
+
+    return rotary_dim(find_rotary_modules(model)[0].config, params)
 
 
 # frequency methods whose built-in equivalent depends on the sequence length, with their own battery
