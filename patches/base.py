@@ -415,10 +415,8 @@ class ReachWarning:
 
 
 def input_length(args: tuple, kwargs: dict) -> int | None:
-    """The sequence length a forward reaches (cached tokens + this call's, or the largest position + 1)."""
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
-        return int(position_ids.max()) + 1
+    """The sequence length a forward reaches (cached tokens + this call's), from shapes and the cache's own count —
+    no device sync on a GPU's hot path (a count held on the device is not read: None)."""
     tokens = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     if tokens is None:
         embeds = kwargs.get("inputs_embeds")
@@ -429,9 +427,13 @@ def input_length(args: tuple, kwargs: dict) -> int | None:
     for value in kwargs.values():
         length = getattr(value, "get_seq_length", None)
         if callable(length):
-            past = int(length())
+            past = length()
             break
-    return past + tokens.shape[-1]
+    if isinstance(past, torch.Tensor):
+        if past.device.type != "cpu":
+            return None
+        past = int(past)
+    return int(past) + tokens.shape[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
