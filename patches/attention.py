@@ -207,7 +207,10 @@ def _dispatch(base: str) -> Callable:
         layer, continues = runtime.pending.pop(id(module), (None, False))
         key, value, attention_mask = static_cache_view(layer, key, value, attention_mask)
         runtime.calls[id(module)] = (layer, continues)
-        return runtime.forward(module, query, key, value, attention_mask, **kwargs)
+        try:
+            return runtime.forward(module, query, key, value, attention_mask, **kwargs)
+        finally:  # nothing of this call is kept (a cache the user drops is freed)
+            runtime.calls.pop(id(module), None)
 
     attention.__name__ = f"{PREFIX}{base}"
     return attention

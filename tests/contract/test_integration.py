@@ -364,3 +364,23 @@ def test_unpatch_through_a_peft_wrapper(name, index):
         assert not torch.equal(wrapped(input_ids=ids).logits, before)
         assert longctx.unpatch(wrapped) and not longctx.is_patched(wrapped)
         assert torch.equal(wrapped(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("name, index", METHOD_CASES)
+def test_a_dropped_kv_cache_is_freed(name, index):
+    """The runtime keeps nothing of a call: a KV cache the user drops after a forward is freed (it was held by the
+    layers whose runtime never asked for it)."""
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    model = build("gemma3_text")  # sliding layers too (not extended: their calls never ask for the cache)
+    longctx.patch(model, name, **_example(name, index))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=_ids(2 * TRAINED), **{CACHE: cache}, use_cache=True)
+    refs = [weakref.ref(cache), *(weakref.ref(layer) for layer in cache.layers)]  # the layers hold the keys
+    del cache
+    gc.collect()
+    assert all(ref() is None for ref in refs)
