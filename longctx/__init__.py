@@ -47,8 +47,10 @@ def patch(model: Any, method: str, *, tokenizer: Any = None, **params: Any) -> P
 
 def search(model: Any, method: str = "longrope", **options: Any) -> Any:
     """Search ``method``'s parameters for ``model`` at ``target_length`` on ``text`` within ``budget_s`` seconds
-    (``longctx.eval.search.search``: LongRoPE's factor search seeded with PI, NTK and YaRN); returns a
-    ``SearchResult`` whose ``params`` patch the winner: ``longctx.patch(model, "longrope", **result.params)``."""
+    (``longctx.eval.search.search``): LongRoPE's factor search seeded with PI, NTK and YaRN for ``"longrope"``, the
+    window / size parameters of an attention method (``selfextend``, ``dca``, ``rerope``, ``string``) seeded with its
+    defaults; returns a ``SearchResult`` whose ``params`` patch the winner:
+    ``longctx.patch(model, method, **result.params)``."""
     from .eval.search import search as run
 
     return run(model, method, **options)

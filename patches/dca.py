@@ -28,6 +28,7 @@ from longctx.core.pairmaps import DCAMap, dca_geometry, dca_mscale
 from .base import Applied, Undo, param
 from .pairmap import PairMapConfig, PairMapRuntime, decoder, install_pairmap
 from .registry import Method, register
+from .space import SearchSpace, Tunable, rope_trained_length
 
 NAME = "dca"
 DESCRIPTION = ("Dual Chunk Attention: positions within chunks of s - w, queries remapped for the previous and older "
@@ -93,10 +94,21 @@ def vllm_config(params: dict[str, Any]) -> dict[str, Any]:
     return keys
 
 
+def tune(model: nn.Module, target_length: int) -> SearchSpace:
+    """The chunk size s in [L/4, L], the local window w in [L/64, L/4] (w < s checked by the patch), mscale."""
+    L = rope_trained_length(model, NAME)
+    return SearchSpace(
+        {"chunk_size": Tunable(max(2, L // 4), L, int), "local_window": Tunable(max(1, L // 64), max(1, L // 4), int,
+                                                                                log=True),
+         "mscale": Tunable(choices=(True, False))},
+        {"default": {}}, {"target_length": int(target_length)},
+        note=f"chunk size in [{max(2, L // 4)}, {L}], local window in [{max(1, L // 64)}, {max(1, L // 4)}], mscale")
+
+
 METHOD = register(Method(
     NAME, "rope_attention", DESCRIPTION, DCAConfig, apply, export_form="longctx", aliases=("dual_chunk",
                                                                                             "chunkllama"),
-    bounded=False,
+    bounded=False, tune=tune,
     decoders_only=True, config_keys=vllm_config,
     examples=lambda L: [{"target_length": 4 * L}, {"chunk_size": L // 2, "local_window": L // 8, "mscale": False}],
 ))

@@ -62,6 +62,9 @@ class Method:
             cache (dynamic, static, sliding-window); a function of the patch's parameters where it depends on them
             (dynamic NTK's standard mode keeps the keys it cached at the frequencies of their time: False). The
             contract battery's integration axis checks it.
+        tune: ``tune(model, target_length) -> SearchSpace`` (``longctx.patches.space``): the parameters
+            ``longctx.search`` and ``longctx recommend`` may tune at that length, the seeds they start from; ``None``:
+            the method is ranked with its declared variants, not tuned.
         carry_files: parameters naming files that an export must carry along, each mapped to
             ``write(value, directory) -> "./name"`` (it writes the file into the export and returns how the saved
             record refers to it; ``longctx.load`` resolves ``./`` against the export's directory).
@@ -86,6 +89,7 @@ class Method:
     unchanged_within: bool = False
     cache_exact: bool | Callable[[dict[str, Any]], bool] = True
     bounded: bool = True
+    tune: Callable[[nn.Module, int], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.examples is None:

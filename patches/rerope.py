@@ -24,6 +24,7 @@ from longctx.core.pairmaps import ReRoPEMap, rerope_log_scale
 from .base import Applied, Undo, param
 from .pairmap import PairMapConfig, PairMapRuntime, decoder, install_pairmap
 from .registry import Method, register
+from .space import SearchSpace, Tunable, rope_trained_length
 
 NAME = "rerope"
 DESCRIPTION = ("ReRoPE: relative positions capped at the window w (leaky_factor k: beyond w they grow by 1/k), "
@@ -71,9 +72,19 @@ def apply(model: nn.Module, cfg: ReRoPEConfig, undo: Undo) -> Applied:
     return install_pairmap(model, runtime, undo, cfg, found, params, note)
 
 
+def tune(model: nn.Module, target_length: int) -> SearchSpace:
+    """The window w in [L/64, L/2], Leaky ReRoPE's k (none, 4, 16), the log scaling of the queries."""
+    L = rope_trained_length(model, NAME)
+    return SearchSpace(
+        {"window": Tunable(max(1, L // 64), max(1, L // 2), int, log=True),
+         "leaky_factor": Tunable(choices=(None, 4.0, 16.0)), "log_scale": Tunable(choices=(True, False))},
+        {"default": {}}, {"target_length": int(target_length)},
+        note=f"window in [{max(1, L // 64)}, {max(1, L // 2)}], leaky factor, log-scaled queries or not")
+
+
 METHOD = register(Method(
     NAME, "rope_attention", DESCRIPTION, ReRoPEConfig, apply, export_form="longctx", decoders_only=True,
-    bounded=False,
+    bounded=False, tune=tune,
     examples=lambda L: [{"target_length": 4 * L}, {"leaky_factor": 4.0, "window": L // 4},
                         {"log_scale": False, "window": L // 8}],
 ))

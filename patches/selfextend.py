@@ -38,6 +38,7 @@ from .attention import (
 )
 from .base import Applied, MethodConfig, Undo, param
 from .registry import Method, register
+from .space import SearchSpace, Tunable, rope_trained_length
 from .rope_common import guard_rotary
 
 NAME = "selfextend"
@@ -206,7 +207,20 @@ def apply(model: nn.Module, cfg: SelfExtendConfig, undo: Undo) -> Applied:
                    layer_types=[lt for lt in layer_types if lt is not None] or None, notes=notes, reload=reload)
 
 
+def tune(model: nn.Module, target_length: int) -> SearchSpace:
+    """G and W (the reach W + (N − W)/G < L checked by the patch), and LongLM's log scaling of the queries."""
+    L = rope_trained_length(model, NAME)
+    n = int(target_length)
+    return SearchSpace(
+        {"window": Tunable(max(2, L // 32), max(2, L // 2), int, log=True),
+         "group_size": Tunable(2, max(4, 4 * -(-n // L)), int, log=True),
+         "scale_base": Tunable(choices=(None, float(L)))},
+        {"default": {}}, {"target_length": n},
+        note=f"window in [{max(2, L // 32)}, {max(2, L // 2)}], group size, log-scaled queries or not")
+
+
 METHOD = register(Method(NAME, "rope_attention", DESCRIPTION, SelfExtendConfig, apply, export_form="longctx",
+                         tune=tune,
                          aliases=("self_extend", "grouped_attention"),
                          examples=lambda L: [{"group_size": 4, "window": L // 4},
                                              {"target_length": 8 * L, "shift": "float", "scale_base": float(L)}]))

@@ -27,6 +27,7 @@ from longctx.core.pairmaps import STRING_ATTENTION_FACTOR, STRINGMap, string_geo
 from .base import Applied, Undo, param
 from .pairmap import PairMapConfig, PairMapRuntime, decoder, install_pairmap
 from .registry import Method, register
+from .space import SearchSpace, Tunable, rope_trained_length
 
 NAME = "string"
 DESCRIPTION = ("STRING: distances >= the shifted offset S are seen at d - S + W, reusing well-trained small "
@@ -72,8 +73,24 @@ def apply(model: nn.Module, cfg: STRINGConfig, undo: Undo) -> Applied:
     return install_pairmap(model, runtime, undo, cfg, found, params, note)
 
 
+def tune(model: nn.Module, target_length: int) -> SearchSpace:
+    """S and W with the reach L + S − W >= N (checked by the patch), the attention factor in [1, 1.2]. STRING
+    reaches fewer than 2L − 1 tokens: a longer target raises."""
+    L = rope_trained_length(model, NAME)
+    n = int(target_length)
+    low = max(2, n - L + 1)  # S >= N - L + W, W >= 1
+    if low > L - 1:
+        raise ValueError(f"string reaches at most L + S - W < 2L - 1 = {2 * L - 1} tokens (S < L, W >= 1); "
+                         f"target_length={n} is past it")
+    return SearchSpace(
+        {"shifted_offset": Tunable(low, L - 1, int), "local_window": Tunable(1, max(1, L // 4), int, log=True),
+         "attention_factor": Tunable(1.0, 1.2, float)},
+        {"default": {}}, {"target_length": n},
+        note=f"shifted offset in [{low}, {L - 1}], local window in [1, {max(1, L // 4)}], attention factor in [1, 1.2]")
+
+
 METHOD = register(Method(
-    NAME, "rope_attention", DESCRIPTION, STRINGConfig, apply, export_form="longctx", decoders_only=True,
+    NAME, "rope_attention", DESCRIPTION, STRINGConfig, apply, export_form="longctx", decoders_only=True, tune=tune,
     examples=lambda L: [{}, {"target_length": L + L // 2}, {"shifted_offset": L // 4, "local_window": L // 8,
                                                                "attention_factor": 1.0}],
 ))

@@ -19,7 +19,8 @@ from .evaluate import _model_name
 def search_cmd(
     model: Annotated[str, typer.Argument(help="Decoder: a model directory, .gguf file or 'smollm2'.")],
     target_length: Annotated[int, typer.Option(help="The context length to search the factors for, in tokens.")],
-    method: Annotated[str, typer.Option(help="What to search: 'longrope' (per-dimension frequency factors).")] = \
+    method: Annotated[str, typer.Option(help="What to search: 'longrope' (per-dimension frequency factors), or an "
+                                             "attention method's parameters: selfextend, dca, rerope, string.")] = \
         "longrope",
     text: Annotated[str, typer.Option(help="The search text (file or folder; 'emma' = the bundled text); hold out "
                                            "the text you evaluate on.")] = DEFAULT_TEXT,
@@ -32,14 +33,16 @@ def search_cmd(
                                                         "(plain transformers loads it extended).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write search.json (every candidate) here.")] = None,
 ):
-    """Search per-dimension frequency factors for MODEL at the target length (LongRoPE's evolutionary search on
-    perplexity, seeded with PI, NTK and YaRN, bounded by --budget); print every candidate, the winner's patch line,
-    and with --export write it as a checkpoint."""
-    from longctx.eval.search import METHODS
+    """Search a method's parameters for MODEL at the target length on perplexity, bounded by --budget: LongRoPE's
+    per-dimension frequency factors (its evolutionary search, seeded with PI, NTK and YaRN), or an attention method's
+    windows and sizes (seeded with its defaults). Print every candidate, the winner's patch line, and with --export
+    write it as a checkpoint."""
+    from longctx.eval.search import searchable
 
     model_spec(model)
-    if method not in METHODS:
-        fail(f"--method: longctx search searches {', '.join(METHODS)}; got '{method}'")
+    methods = searchable()
+    if method not in methods:
+        fail(f"--method: longctx search searches {', '.join(methods)}; got '{method}'")
     positive("--target-length", target_length, 2)
     positive("--budget", budget, 1)
     positive("--windows", windows, 1)
@@ -56,7 +59,7 @@ def search_cmd(
     if loaded.kind != "decoder":
         fail(f"{model} is an embedding model; longctx search measures a decoder's perplexity")
     trained = trained_below(loaded, model, target_length)
-    console.print(f"[bold]{model}[/]: trained {trained}; searching {method} factors at {target_length} tokens "
+    console.print(f"[bold]{model}[/]: trained {trained}; searching {method} at {target_length} tokens "
                   f"(budget {budget} s, {windows} window(s), seed {seed})")
     try:
         found = search(loaded.model, method, target_length=target_length, tokenizer=loaded.tokenizer,
@@ -80,13 +83,32 @@ def _table(found, model: str) -> None:
     from rich.table import Table
 
     seeds = [r for r in found.rows if r["source"] != "search"]
-    searched = sorted((r for r in found.rows if r["source"] == "search"), key=lambda r: r["ppl"])[:10]
-    table = Table(title=f"longctx search — {_model_name(model)}, longrope at {found.target_length} tokens "
-                        f"(trained {found.trained_length})", caption=found.measured)
-    for col in ("candidate", "ppl", "attention", "long_factor", "seconds"):
-        table.add_column(col, justify="left" if col in ("candidate", "long_factor") else "right")
+    searched = sorted((r for r in found.rows if r["source"] == "search" and r["ppl"] is not None),
+                      key=lambda r: r["ppl"])[:10]
+    refused = sum(r["ppl"] is None for r in found.rows)
+    table = Table(title=f"longctx search — {_model_name(model)}, {found.method} at {found.target_length} tokens "
+                        f"(trained {found.trained_length})",
+                  caption=f"{found.measured}; searched: {found.space}"
+                          + (f"; {refused} candidate(s) refused by the method (cannot reach the length)" if refused
+                             else ""))
+    for col in ("candidate", "ppl", "parameters", "seconds"):
+        table.add_column(col, justify="left" if col in ("candidate", "parameters") else "right")
     for row in [*seeds, *searched]:
-        factors = ", ".join(f"{x:.3g}" for x in row["long_factor"])
         name = f"{row['source']} #{row['trial']}" + (" (best)" if row is found.best else "")
-        table.add_row(name, f"{row['ppl']:.3f}", f"{row['attention_factor']:.3f}", factors, f"{row['seconds']:.1f}")
+        figure = f"{row['ppl']:.3f}" if row["ppl"] is not None else "refused"
+        table.add_row(name, figure, _params(row), f"{row['seconds']:.1f}")
     console.print(table)
+
+
+def _params(row: dict) -> str:
+    shown = {**row["params"], **row.get("resolved", {})}
+    parts = []
+    for key, value in shown.items():
+        if key in ("target_length", "factor"):
+            continue
+        if isinstance(value, list):
+            value = "[" + ", ".join(f"{x:.3g}" for x in value) + "]"
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)

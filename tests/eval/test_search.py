@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import longctx
 from longctx.cli import app
 from longctx.core.rope import default_inv_freq, ntk_factors, yarn_inv_freq
-from longctx.eval.search import decode, encode, seeds
+from longctx.patches.longrope import decode, encode, seeds
 
 runner = CliRunner()
 
