@@ -10,6 +10,13 @@
 
 The model as it is (``vanilla`` / ``truncate``) is measured first, as the reference. A time budget bounds the run:
 once the next candidate would pass it (estimated from the slowest one so far), the rest are listed as not measured.
+
+**Tuning** (decoders): with the budget left after the ranking (which stops at 60 % of it), the ``tune`` best-ranked methods that declare a search
+space (``Method.tune``: SelfExtend's G and W, DCA's chunk and window, ReRoPE's window, STRING's S and W, LongRoPE's
+factors) are searched by ``longctx.search`` on perplexity at N — on the text's second window of N tokens where the
+text holds one, so the evidence window stays out of the tuning — each with an equal share of what is left. A tuned
+candidate that beats the method's defaults on the tuning window is then measured like every other candidate and
+ranked with them (``tuned`` in its row); ``Recommendation.tuning`` says what each search tried.
 :func:`auto_patch` (``longctx.patch(model, "auto", target_length=N)``) applies the winner and keeps the evidence
 in its ``PatchInfo``.
 """
@@ -21,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["Recommendation", "candidates", "recommend", "auto_patch", "NoImprovement"]
+
+TUNING_SHARE = 0.4  # of the budget kept for tuning (decoders, tune > 0): the ranking stops at the rest
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Recommendation:
     not_measured: list[dict[str, Any]] = field(default_factory=list)  # candidates the budget left out
     seconds: float = 0.0
     improves: bool = True  # the winner measured better than the model as it is (the reference row)
+    tuning: list[dict[str, Any]] = field(default_factory=list)  # one per method searched: candidates, seconds, best
 
     @property
     def winner(self) -> dict[str, Any]:
@@ -94,12 +104,14 @@ def _encoder_evidence(embedder: Any, tasks: list[Any]) -> dict[str, Any]:
 
 def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: str | None = None,
               budget_s: float = 600.0, docs: int = 8, methods: list[str] | None = None,
-              log: Any = None) -> Recommendation:
+              log: Any = None, tune: int = 2, tune_trials: int | None = None) -> Recommendation:
     """Measure every candidate (:func:`candidates`, or only ``methods``) at ``target_length`` and rank them.
 
     ``text``: the decoder's perplexity text (default: the bundled *Emma*); ``budget_s``: seconds the sweep may take
     (the reference and the first candidate always run); ``docs``: documents per synthetic retrieval task (encoders);
-    ``log(line)``: called with one line per finished candidate. A patched model is measured without its patch (the
+    ``log(line)``: called with one line per finished candidate; ``tune``: how many of the best-ranked methods with a
+    search space are tuned with the budget left (decoders; 0: rank only); ``tune_trials``: at most this many candidates
+    per tuned method (seeds included; default: as many as its share of the budget allows). A patched model is measured without its patch (the
     reference is the model as trained), which comes back afterwards. Bad arguments raise ``ValueError`` before any
     measurement.
     """
@@ -113,22 +125,30 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
         raise ValueError(f"budget_s must be a number of seconds > 0, got {budget_s!r}")
     if isinstance(docs, bool) or not isinstance(docs, int) or docs < 2:
         raise ValueError(f"docs must be an integer >= 2 (documents per retrieval task), got {docs!r}")
+    if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+        raise ValueError(f"tune must be an integer >= 0 (methods to tune; 0: rank only), got {tune!r}")
+    if tune_trials is not None and (isinstance(tune_trials, bool) or not isinstance(tune_trials, int)
+                                    or tune_trials < 1):
+        raise ValueError(f"tune_trials must be an integer >= 1 (candidates per tuned method), got {tune_trials!r}")
     unknown = [m for m in methods or [] if m not in registry]
     if unknown:
         raise ValueError(f"methods: unknown method(s) {unknown}; available: {', '.join(registry)}")
     with unpatched(model):  # measured from the model as it was trained; a patch it had comes back afterwards
-        return _recommend(model, target_length, tokenizer, text, budget_s, docs, methods, log, start)
+        return _recommend(model, target_length, tokenizer, text, budget_s, docs, methods, log, start,
+                          (tune, tune_trials))
 
 
 def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None, budget_s: float, docs: int,
-               methods: list[str] | None, log: Any, start: float) -> Recommendation:
+               methods: list[str] | None, log: Any, start: float, tuning_plan: tuple[int, int | None]
+               ) -> Recommendation:
     import longctx
     from longctx.models import unwrap
-    from longctx.patches import get_method
+    from longctx.patches import get_method, registry
 
     from .runner import params_key
     from .synthetic import default_haystack
 
+    tune, tune_trials = tuning_plan
     info = longctx.inspect(model)
     trained, n = info.trained_length, int(target_length)
     if n <= trained:
@@ -159,6 +179,11 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
             raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {n}")
         measured = {"perplexity": f"one window of {n} tokens", "passkey": f"generation at {n - 16} tokens, depths "
                     f"{depths}, one trial each", "rank_by": "passkey accuracy, then perplexity"}
+        tune_ids = ids[n:2 * n] if ids.numel() >= 2 * n else ids[:n]
+        if tune:
+            measured["tuning"] = (f"perplexity on the text's second window of {n} tokens (apart from the evidence)"
+                                  if ids.numel() >= 2 * n else f"perplexity on the evidence window (the text holds "
+                                  f"one window of {n} tokens)")
         reference = "vanilla"
 
         def evidence(applied: Any) -> dict[str, Any]:
@@ -200,10 +225,13 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
         if reference == "truncate" and limit is not None:
             model.max_seq_length = limit
     log(_line(rows[-1]))
+    ranking_s = budget_s * (1 - TUNING_SHARE) if tune and info.kind == "decoder" else budget_s
     for method, params in todo:
         spent = time.perf_counter() - start
-        if rows[1:] and spent + slowest > budget_s:
-            skipped.append({"method": method, "params": params, "why": f"budget ({budget_s:.0f} s) reached"})
+        if rows[1:] and spent + slowest > ranking_s:
+            why = (f"budget ({budget_s:.0f} s) reached" if ranking_s == budget_s else
+                   f"the ranking's share of the budget ({ranking_s:.0f} of {budget_s:.0f} s) reached")
+            skipped.append({"method": method, "params": params, "why": why})
             continue
         t0 = time.perf_counter()
         with longctx.patched(model, method, tokenizer=tokenizer, **params) as applied:
@@ -212,6 +240,10 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
         slowest = max(slowest, row["seconds"])
         rows.append(row)
         log(_line(row))
+    tuning: list[dict[str, Any]] = []
+    if tune and info.kind == "decoder":
+        rows.extend(_tune(model, tokenizer, tune_ids, n, rows, order, registry, tuning_plan, budget_s, start,
+                          slowest, evidence, tuning, skipped, log))
     ranked = sorted(rows[1:], key=order)
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
@@ -219,13 +251,56 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
     rows[0]["rank"] = None
     improves = bool(ranked) and ranked[0]["beats_reference"]
     return Recommendation(n, trained, info.kind, measured, [*ranked, rows[0]], skipped,
-                          time.perf_counter() - start, improves)
+                          time.perf_counter() - start, improves, tuning)
+
+
+def _tune(model: Any, tokenizer: Any, ids: Any, n: int, rows: list[dict], order: Any, registry: Any,
+          tuning_plan: tuple[int, int | None], budget_s: float, start: float, slowest: float, evidence: Any, tuning: list[dict], skipped: list[dict],
+          log: Any) -> list[dict[str, Any]]:
+    """The tuning phase (module docstring): the rows of the tuned candidates that beat their defaults."""
+    import longctx
+
+    from .search import search
+
+    tune, tune_trials = tuning_plan
+    ranked = sorted(rows[1:], key=order)
+    chosen = [m for m in dict.fromkeys(r["method"] for r in ranked) if registry[m].tune is not None][:tune]
+    out = []
+    for k, method in enumerate(chosen):
+        remaining = budget_s - (time.perf_counter() - start)
+        share = remaining / (len(chosen) - k) - slowest  # room left to measure the tuned candidate's evidence
+        if share <= 0:
+            skipped.append({"method": method, "params": {}, "why": f"tuning: budget ({budget_s:.0f} s) reached"})
+            continue
+        try:
+            found = search(model, method, target_length=n, tokenizer=tokenizer, ids=ids, windows=1, budget_s=share,
+                           max_trials=tune_trials)
+        except ValueError as e:  # the method cannot be tuned at N (STRING past 2L)
+            skipped.append({"method": method, "params": {}, "why": "tuning: " + " ".join(str(e).split())})
+            continue
+        seeds = [r for r in found.rows if r["source"] != "search" and r["ppl"] is not None]
+        summary = {"method": method, "candidates": len(found.rows), "seconds": found.seconds, "space": found.space,
+                   "default_ppl": min((r["ppl"] for r in seeds), default=None), "best_ppl": found.best["ppl"],
+                   "params": found.params, "improved": found.best["source"] == "search"}
+        tuning.append(summary)
+        log(f"tuned {method}: {len(found.rows)} candidates in {found.seconds:.0f} s, tuning-window ppl "
+            f"{summary['default_ppl']:.3g} (defaults) -> {found.best['ppl']:.3g}")
+        if not summary["improved"]:
+            continue
+        t0 = time.perf_counter()
+        with longctx.patched(model, method, tokenizer=tokenizer, **found.params) as applied:
+            row = {"method": method, "params": found.params, **evidence(applied), "tuned": True}
+        row["seconds"] = time.perf_counter() - t0
+        out.append(row)
+        log(_line(row))
+    return out
 
 
 def _line(row: dict) -> str:
     values = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
     params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "target_length")
-    return f"{row['method']}{f' ({params})' if params else ''}: {values} [{row['seconds']:.0f} s]"
+    tuned = ", tuned" if row.get("tuned") else ""
+    return f"{row['method']}{f' ({params}{tuned})' if params else ''}: {values} [{row['seconds']:.0f} s]"
 
 
 class NoImprovement(RuntimeError):

@@ -3,8 +3,9 @@ budget. What is searched is the method's own declaration (``Method.tune``, ``lon
 names no method.
 
 * **LongRoPE** (Ding et al., ICML 2024; ``longrope``): per-dimension frequency factors λ_i, monotone
-  1 ≤ λ_0 ≤ … ≤ s, and the attention factor; seeds PI, NTK and YaRN written per dimension; optuna's genetic sampler
-  (NSGA-II: tournament selection, crossover, mutation — LongRoPE's operators).
+  1 ≤ λ_0 ≤ … ≤ s, and the attention factor; seeds PI, NTK and YaRN written per dimension, then (as LongRoPE starts)
+  a first population of mutations of the best two seeds; optuna's genetic sampler (NSGA-II: tournament selection,
+  crossover, mutation — LongRoPE's operators).
 * **The attention methods** (SelfExtend's window, DCA's chunk and local window, ReRoPE's window, STRING's S and W, …):
   a few integer / float / choice parameters; seed the method's defaults at the length; optuna's TPE sampler.
 
@@ -136,11 +137,6 @@ def search(model: Any, method: str = "longrope", *, target_length: int, tokenize
                optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(6, 2 * len(space.dims))))
     study = optuna.create_study(direction="minimize", sampler=sampler)
     distributions = {name: t.distribution() for name, t in space.dims.items()}
-    for name, params in space.seeds.items():  # the seeds always run: never worse than the best of them
-        ppl = score({**space.fixed, **params}, name)
-        values = space.sampled({**params, **rows[-1].get("resolved", {})})
-        if ppl is not None and values is not None:  # the sampler learns from them
-            study.add_trial(create_trial(params=values, distributions=distributions, value=ppl))
 
     def objective(trial: Any) -> float:
         sampled = {name: t.suggest(trial, name) for name, t in space.dims.items()}
@@ -148,6 +144,25 @@ def search(model: Any, method: str = "longrope", *, target_length: int, tokenize
         if ppl is None:
             raise optuna.TrialPruned()
         return ppl
+
+    def told(values: dict[str, Any] | None, ppl: float | None, source: str) -> None:
+        """A candidate measured outside the sampler, added as a finished trial it learns from (for the genetic
+        sampler, as a member of its first generation: LongRoPE's initial population)."""
+        if ppl is None or values is None:
+            return
+        first = {sampler._get_generation_key(): 0} if space.genetic else {}
+        study.add_trial(create_trial(params=values, distributions=distributions, value=ppl,
+                                     user_attrs={"source": source}, system_attrs=first))
+
+    for name, params in space.seeds.items():  # the seeds always run first: never worse than the best of them
+        ppl = score({**space.fixed, **params}, name)
+        told(space.sampled({**params, **rows[-1].get("resolved", {})}), ppl, name)
+    if space.genetic:  # the rest of the first population: mutations of the best two seeds, not uniform draws
+        best_two = sorted((t for t in study.trials if t.value is not None), key=lambda t: t.value)[:2]
+        for values in _mutations([t.params for t in best_two], space.dims, population - len(space.seeds), seed):
+            if time.perf_counter() - start >= budget_s or (max_trials is not None and len(rows) >= max_trials):
+                break
+            told(values, score(space.candidate(values), "mutation"), "mutation")
 
     remaining = budget_s - (time.perf_counter() - start)
     more = (max_trials - len(rows)) if max_trials is not None else 10_000
@@ -166,6 +181,28 @@ def search(model: Any, method: str = "longrope", *, target_length: int, tokenize
                           f"the search text ({windows * target_length} tokens)", rows, best, budget_s, seconds,
                           stopped, seed, dict(best["params"]), space.note)
     return result
+
+
+def _mutations(parents: list[dict[str, Any]], dims: dict[str, Any], count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` mutations of the parents (in turn): each numeric value moved by a normal step of a tenth of its
+    range, clipped to it; choices kept. Reproducible with ``seed``."""
+    import random
+
+    if not parents:
+        return []
+    rng = random.Random(seed)
+    out = []
+    for k in range(count):
+        values = {}
+        for name, value in parents[k % len(parents)].items():
+            t = dims[name]
+            if t.choices:
+                values[name] = value
+                continue
+            moved = min(max(value + rng.gauss(0.0, 0.1 * (t.high - t.low)), t.low), t.high)
+            values[name] = int(round(moved)) if t.kind is int else moved
+        out.append(values)
+    return out
 
 
 def _fmt(value: Any) -> str:

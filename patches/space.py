@@ -72,8 +72,9 @@ class SearchSpace:
     note: str = ""  # one line on what is searched
 
     def candidate(self, sampled: dict[str, Any]) -> dict[str, Any]:
-        """The patch parameters of sampled values."""
-        return {**self.fixed, **(self.decode(sampled) if self.decode else sampled)}
+        """The patch parameters of sampled values (a None value: the method's default, left out)."""
+        params = {**self.fixed, **(self.decode(sampled) if self.decode else sampled)}
+        return {k: v for k, v in params.items() if v is not None}
 
     def sampled(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """The sampler's values of patch parameters (a seed, resolved), or None where they fall outside the space."""

@@ -25,6 +25,9 @@ def recommend_cmd(
     compare: Annotated[Optional[str], typer.Option(help="Only these methods (comma-separated; default: every "
                                                         "method that applies, each variant it declares).")] = None,
     docs: Annotated[int, typer.Option(help="Encoder: documents per synthetic retrieval task.")] = 8,
+    tune: Annotated[int, typer.Option(help="Decoder: tune the N best-ranked methods that have a search space "
+                                           "(SelfExtend, DCA, ReRoPE, STRING, LongRoPE) with the budget left after "
+                                           "the ranking; 0: rank only.")] = 2,
     out: Annotated[Optional[Path], typer.Option(help="Write recommendation.json here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the recommendation as JSON.")] = False,
 ):
@@ -35,6 +38,7 @@ def recommend_cmd(
     positive("--target-length", target_length, 2)
     positive("--budget", budget, 1)
     positive("--docs", docs, 2)
+    positive("--tune", tune, 0)
     text_source(text)
     methods = methods_list(compare, "--compare", ()) if compare else None
     check_out(out)
@@ -48,7 +52,7 @@ def recommend_cmd(
     try:
         found = recommend(loaded.model, target_length, tokenizer=loaded.tokenizer,
                           text=read_text(text) if loaded.kind == "decoder" else None, budget_s=budget, docs=docs,
-                          methods=methods, log=lambda line: typer.echo(f"  {line}"))
+                          methods=methods, log=lambda line: typer.echo(f"  {line}"), tune=tune)
     except ValueError as e:
         fail(str(e))
     data = {**found.to_dict(), "model": model, "patch": found.patch_line() if found.improves else None,
@@ -81,7 +85,12 @@ def _table(found, model: str) -> None:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "target_length")
         values = [f"{100 * row[k]:.0f} %" if k in ("passkey", "retrieval") or k.startswith(("passkey", "needle"))
                   else f"{row[k]:.2f}" for k in metrics]
-        table.add_row(str(row["rank"] or "ref"), row["method"], params, *values, f"{row['seconds']:.0f}")
+        name = row["method"] + (" (tuned)" if row.get("tuned") else "")
+        table.add_row(str(row["rank"] or "ref"), name, params, *values, f"{row['seconds']:.0f}")
     console.print(table)
+    for t in found.tuning:
+        typer.echo(f"  tuned {t['method']}: {t['candidates']} candidates in {t['seconds']:.0f} s, tuning-window ppl "
+                   f"{t['default_ppl']:.3g} with its defaults, {t['best_ppl']:.3g} tuned"
+                   + ("" if t["improved"] else " (defaults kept)"))
     for skipped in found.not_measured:
         typer.echo(f"  not measured: {skipped['method']} {skipped['params']} ({skipped['why']})")

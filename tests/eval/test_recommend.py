@@ -91,6 +91,8 @@ def test_recommend_command_answers_bad_input_before_any_work(stories_path, tmp_p
     assert low.exit_code == 2 and "must be longer than" in low.output and "trained length (512)" in low.output
     unknown = runner.invoke(app, ["recommend", str(stories_path), "--target-length", "1024", "--compare", "yarnn"])
     assert unknown.exit_code == 2 and "yarnn" in unknown.output
+    tune = runner.invoke(app, ["recommend", str(stories_path), "--target-length", "1024", "--tune", "-1"])
+    assert tune.exit_code == 2 and "--tune must be an integer >= 0, got -1" in tune.output
 
 
 def test_recommend_command_prints_the_table_and_the_winner(stories_path, tmp_path):
@@ -148,3 +150,38 @@ def test_auto_never_applies_a_method_measured_worse_than_the_model_as_it_is(stor
                       text=tinystories_text, methods=["pi"])
     assert not longctx.is_patched(stories.model)
     assert caught.value.recommendation.rows[0]["method"] == "pi"
+
+
+def test_recommend_tunes_the_best_ranked_methods_apart_from_the_evidence_window(stories, tinystories_text):
+    """The ranking keeps 40 % of the budget for tuning; the two best-ranked methods with a search space are searched
+    on the text's second window; a tuned candidate that beats its defaults there is measured and ranked like the
+    rest, and its parameters reproduce its figures."""
+    from longctx.eval.perplexity import perplexity, token_ids
+
+    model, tok = stories.model, stories.tokenizer
+    found = recommend(model, 2048, tokenizer=tok, text=tinystories_text, methods=["rerope", "selfextend", "pi"],
+                      tune_trials=6)
+    assert "second window of 2048 tokens" in found.measured["tuning"]
+    assert {t["method"] for t in found.tuning} == {"rerope", "selfextend"}  # pi has no search space
+    for t in found.tuning:
+        assert t["candidates"] == 6 and t["best_ppl"] <= t["default_ppl"]
+        assert t["improved"] == (t["best_ppl"] < t["default_ppl"])
+    tuned = [r for r in found.rows if r.get("tuned")]
+    assert {r["method"] for r in tuned} == {t["method"] for t in found.tuning if t["improved"]}
+    assert tuned, "rerope's default window is beaten within a few candidates at 4x"
+    ids = token_ids(tok, tinystories_text)
+    for row in tuned:
+        assert row["params"]["target_length"] == 2048 and row["rank"] >= 1
+        with longctx.patched(model, row["method"], **row["params"]):
+            evidence = perplexity(model, ids, 2048, max_windows=1, progress=False).ppl
+            tuning = perplexity(model, ids[2048:4096], 2048, max_windows=1, progress=False).ppl
+        assert evidence == pytest.approx(row["ppl"], rel=1e-6)
+        t = next(t for t in found.tuning if t["method"] == row["method"])
+        assert tuning == pytest.approx(t["best_ppl"], rel=1e-6)
+    plain = recommend(model, 2048, tokenizer=tok, text=tinystories_text, methods=["rerope"], tune=0,
+                      budget_s=0.01)
+    assert not plain.tuning and not any(r.get("tuned") for r in plain.rows) and "tuning" not in plain.measured
+    with pytest.raises(ValueError, match="tune must be an integer >= 0"):
+        recommend(model, 2048, tokenizer=tok, text=tinystories_text, tune=-1)
+    with pytest.raises(ValueError, match="tune_trials must be an integer >= 1"):
+        recommend(model, 2048, tokenizer=tok, text=tinystories_text, tune_trials=0)
