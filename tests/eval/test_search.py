@@ -106,3 +106,58 @@ def test_search_command_prints_the_candidates_and_exports_the_winner(stories_pat
                           (["--budget", "0"], "--budget must be")):
         bad = runner.invoke(app, ["search", str(stories_path), "--target-length", "1024", *argv])
         assert bad.exit_code == 2 and message in bad.output
+
+
+@pytest.mark.parametrize("method, n", [("selfextend", 2048), ("dca", 2048), ("rerope", 2048), ("string", 768)])
+def test_an_attention_method_is_tuned_from_its_defaults(stories, text, method, n):
+    """The method's defaults at N run first; the winner is never worse on the search text and its parameters
+    reproduce its perplexity; a candidate the method refuses is listed with the reason, not scored."""
+    from longctx.eval.perplexity import perplexity, token_ids
+
+    found = longctx.search(stories.model, method, target_length=n, tokenizer=stories.tokenizer, text=text,
+                           max_trials=8, windows=1, seed=0)
+    first = found.rows[0]
+    assert first["source"] == "default" and first["params"] == {"target_length": n} and len(found.rows) == 8
+    assert found.best["ppl"] == min(r["ppl"] for r in found.rows if r["ppl"] is not None) <= first["ppl"]
+    assert all(r["why"] and r["source"] == "search" for r in found.rows if r["ppl"] is None)
+    assert found.space and not longctx.is_patched(stories.model)
+    with longctx.patched(stories.model, method, **found.params):
+        ppl = perplexity(stories.model, token_ids(stories.tokenizer, text), n, max_windows=1, progress=False).ppl
+    assert ppl == pytest.approx(found.best["ppl"], rel=1e-6)
+    if method == "selfextend":  # G too small for W: the reach check refuses it
+        assert any("reach at most" in r.get("why", "") for r in found.rows)
+
+
+def test_every_search_space_holds_its_seeds_and_refuses_what_the_method_cannot_reach(stories):
+    """Over the registry: each declared space at 1.5x has valid ranges, and its seeds, as the method resolves them,
+    lie inside it (the sampler learns from them); STRING's space past 2L raises naming its reach."""
+    from longctx.eval.search import searchable
+    from longctx.patches import get_method
+
+    model = stories.model
+    assert {"longrope", "selfextend", "dca", "rerope", "string"} <= set(searchable())
+    for method in searchable():
+        space = get_method(method).tune(model, 768)
+        assert space.seeds and space.fixed == {"target_length": 768} and space.note
+        for name, params in space.seeds.items():
+            with longctx.patched(model, method, **{**space.fixed, **params}) as info:
+                assert space.sampled({**params, **info.params}) is not None, (method, name)
+    with pytest.raises(ValueError, match="string reaches at most"):
+        get_method("string").tune(model, 1024)
+    with pytest.raises(ValueError, match="reaches at most"):
+        longctx.search(model, "string", target_length=1024, tokenizer=stories.tokenizer, text="x")
+
+
+def test_search_command_tunes_an_attention_method(stories_path, tmp_path, text):
+    text_file = tmp_path / "search.txt"
+    text_file.write_text(text)
+    result = runner.invoke(app, ["search", str(stories_path), "--method", "rerope", "--target-length", "2048",
+                                 "--text", str(text_file), "--max-trials", "3", "--windows", "1", "--out",
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "longctx search — stories260K, rerope at 2048 tokens" in flat and "default #0" in flat
+    assert "window=64" in flat and "searched: window in [8, 256]" in flat
+    found = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert found["method"] == "rerope" and len(found["rows"]) == 3
+    assert f'longctx.patch(model, "rerope", **{json.dumps(found["params"])})' in result.output
