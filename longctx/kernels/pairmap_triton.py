@@ -16,7 +16,10 @@ How the work is laid out:
 - **Branches one after another, one softmax.** The map's branches (DCA: intra-chunk, previous chunk, older chunks;
   ReRoPE: near, far) partition each query's keys into intervals (``PairMap.intervals``), and the intervals grow with
   the query position, so a block of rows visits, per branch, the key tiles between its first row's interval start
-  and its last row's interval end; each score tile is masked to the row's own interval. The online softmax runs on
+  and its last row's interval end. The keys inside every row's interval (from the last row's start to the first
+  row's end) run as whole tiles without any predicate — loaded unmasked, no score masked, as plain flash attention
+  (the SelfExtend kernel's interior loop); only the band where the rows' intervals differ, and partial tiles, are
+  masked to each row's own interval. The online softmax runs on
   across branches (the partition makes that exact), so no merge is needed.
 - **Rotations in fp32 from inv_freq**: the query tile is rotated once per branch by the delta between the branch's
   query position and its own (DCA: ``i mod c``, ``min(i mod c + c, s)``, ``min(2c − 1, s)``; ReRoPE: w, or
@@ -103,6 +106,43 @@ if triton is not None:
         return delta, lo, hi
 
     @triton.jit
+    def _pm_tiles(acc, m_i, l_i, qb1, qb2, k_ptr, skn, v_ptr, svn, lo, hi, pos_off, lo_r, hi_r, live, row_scale,
+                  HALF: tl.constexpr, HALF_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
+                  BLOCK_N: tl.constexpr, FP32: tl.constexpr, MASKED: tl.constexpr):
+        """Online softmax over key tiles ``[lo, hi)`` of one branch. ``MASKED=False`` is the branch's interior: whole
+        tiles of keys inside every row's interval, so no predicate is computed and the tiles load unmasked (plain
+        flash attention's loop); ``MASKED=True`` takes the band where the rows' intervals differ and partial tiles."""
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_h = tl.arange(0, HALF_P)
+        offs_v = tl.arange(0, DV_P)
+        hmask = offs_h < HALF
+        vmask = offs_v < DV
+        for n0 in range(lo, hi, BLOCK_N):
+            j = n0 + offs_n
+            jm = j < hi
+            k1 = _se._load_tile(k_ptr, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+            k2 = _se._load_tile(k_ptr + HALF, j, skn, offs_h, jm, hmask, MASKED, HALF != HALF_P)
+            s = _se._scores(qb1, qb2, k1, k2, FP32)
+            if MASKED:
+                pj = j + pos_off
+                ok = jm[None, :] & (pj[None, :] >= lo_r[:, None]) & (pj[None, :] < hi_r[:, None]) & live[:, None]
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+            m_use = m_new
+            if MASKED:  # a row may have seen no key yet
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _se._load_tile(v_ptr, j, svn, offs_v, jm, vmask, MASKED, DV != DV_P)
+            if FP32:
+                acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
     def _pairmap_fwd(
         Q, K0, K1, V, FREQ, QSCALE, POS_OFF, KV_LO, KV_HI, OUT, O_WS, LSE_WS,
         sqb, sqh, sqm, sab, sah, san, scb, sch, scn, svb, svh, svn, sob, soh, som, ssb,
@@ -118,9 +158,6 @@ if triton is not None:
         pos = tl.maximum(i_slot + pos_off, 0)
         offs_h = tl.arange(0, HALF_P)
         hmask = offs_h < HALF
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_v = tl.arange(0, DV_P)
-        vmask = offs_v < DV
         qmask = row_ok[:, None] & hmask[None, :]
         q_ptr = Q + b * sqb + head[:, None] * sqh + t[:, None] * sqm + offs_h[None, :]
         q1 = tl.load(q_ptr, mask=qmask, other=0.0)
@@ -143,12 +180,18 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, DV_P), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        all_live = tl.min(live.to(tl.int32), 0) == 1  # the interior needs every row of the block real
         for B in tl.static_range(NB):
             delta, lo_r, hi_r = _branch(pos, B, KIND, p0, p1, leaky, LEAKY)
-            _d0, lo_b, _h0 = _branch(p_lo, B, KIND, p0, p1, leaky, LEAKY)
-            _d1, _l1, hi_b = _branch(p_hi, B, KIND, p0, p1, leaky, LEAKY)
+            # intervals grow with the query position: the block's keys lie in [lo(first), hi(last)), and the keys
+            # every row sees in [lo(last), hi(first))
+            _d0, lo_b, hi_in = _branch(p_lo, B, KIND, p0, p1, leaky, LEAKY)
+            _d1, lo_in, hi_b = _branch(p_hi, B, KIND, p0, p1, leaky, LEAKY)
             start = tl.maximum(lo_b - pos_off, lo_all)
             end = tl.minimum(hi_b - pos_off, hi_all)
+            inner_lo = tl.minimum(tl.maximum(lo_in - pos_off, start), end)
+            inner_hi = tl.where(all_live, tl.maximum(tl.minimum(hi_in - pos_off, end), inner_lo), inner_lo)
+            inner_hi = inner_lo + ((inner_hi - inner_lo) // BLOCK_N) * BLOCK_N  # whole tiles only
             if KIND >= 1 and B == 0:  # near keys: the query where it is
                 qb1 = q1
                 qb2 = q2
@@ -163,28 +206,12 @@ if triton is not None:
                 k_ptr = K0 + b * sab + kvh * sah
                 skn = san
             v_ptr = V + b * svb + kvh * svh
-            for n0 in range(start, end, BLOCK_N):
-                j = n0 + offs_n
-                jm = j < end
-                k1 = tl.load(k_ptr + j[:, None] * skn + offs_h[None, :], mask=jm[:, None] & hmask[None, :],
-                             other=0.0)
-                k2 = tl.load(k_ptr + HALF + j[:, None] * skn + offs_h[None, :], mask=jm[:, None] & hmask[None, :],
-                             other=0.0)
-                s = _se._scores(qb1, qb2, k1, k2, FP32)
-                pj = j + pos_off
-                ok = jm[None, :] & (pj[None, :] >= lo_r[:, None]) & (pj[None, :] < hi_r[:, None]) & live[:, None]
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + j[:, None] * svn + offs_v[None, :], mask=jm[:, None] & vmask[None, :], other=0.0)
-                if FP32:
-                    acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-                else:
-                    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-                m_i = m_new
+            acc, m_i, l_i = _pm_tiles(acc, m_i, l_i, qb1, qb2, k_ptr, skn, v_ptr, svn, start, inner_lo, pos_off,
+                                      lo_r, hi_r, live, row_scale, HALF, HALF_P, DV, DV_P, BLOCK_N, FP32, True)
+            acc, m_i, l_i = _pm_tiles(acc, m_i, l_i, qb1, qb2, k_ptr, skn, v_ptr, svn, inner_lo, inner_hi, pos_off,
+                                      lo_r, hi_r, live, row_scale, HALF, HALF_P, DV, DV_P, BLOCK_N, FP32, False)
+            acc, m_i, l_i = _pm_tiles(acc, m_i, l_i, qb1, qb2, k_ptr, skn, v_ptr, svn, inner_hi, end, pos_off,
+                                      lo_r, hi_r, live, row_scale, HALF, HALF_P, DV, DV_P, BLOCK_N, FP32, True)
 
         _se._store_rows(acc, m_i, l_i, OUT, O_WS, LSE_WS, b, head, t, row_ok, pid_s, hkv, q_len, sob, soh, som,
                         REP, DV, DV_P, SPLIT)

@@ -1,8 +1,8 @@
 """Compiles the Triton kernels' launches for sm_90 (no GPU needed) and prints one JSON line per compiled launch; run
 by test_offline_compile.py in a process without TRITON_INTERPRET. ``--all`` compiles every autotuned configuration
 (else the first, the untuned default). A plain flash-attention kernel, compiled alike, is the yardstick for the
-instructions of the SelfExtend kernel's interior loops. ``--pairmap`` compiles the pair-map kernel's launches (DCA,
-ReRoPE, Leaky ReRoPE) instead."""
+instructions of the kernels' interior loops. ``--pairmap`` compiles the pair-map kernel's launches (DCA,
+ReRoPE, Leaky ReRoPE, STRING) instead (with ``--yardstick``, the yardstick too)."""
 
 from __future__ import annotations
 

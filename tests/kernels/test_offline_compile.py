@@ -82,8 +82,12 @@ def test_causal_prefill_scores_are_one_tensor_core_chain(defaults):
 
 def test_pairmap_launches_compile_fit_do_not_spill_and_use_tensor_cores():
     """The pair-map kernel (DCA, ReRoPE, Leaky ReRoPE, STRING): every shape class's default launch, prefill and
-    decode."""
-    launches = _compile("--pairmap")
+    decode. Each branch's interior (keys inside every row's interval) runs without predicates: its loop stays within
+    20 % of plain flash attention's (the pair map scores over the two halves of the head dim, two product chains),
+    while the masked band is the long one."""
+    launches = _compile("--pairmap", "--yardstick")
+    (yardstick,) = [r["loops"][0] for r in launches if r["call"] == "yardstick"]
+    launches = [r for r in launches if r["call"] != "yardstick"]
     calls = {r["call"] for r in launches}
     assert len(calls) == 12 and all(c.startswith("pairmap-") for c in calls)
     assert {r["kernel"] for r in launches} == {"_pairmap_fwd", "_merge_splits"}
@@ -96,7 +100,11 @@ def test_pairmap_launches_compile_fit_do_not_spill_and_use_tensor_cores():
                  "pairmap-string-prefill"):
         attention = next(r for r in launches if r["call"] == call and r["kernel"] == "_pairmap_fwd")
         assert attention["wgmma"] > 0, attention  # bf16 products on Hopper's tensor cores
-        assert len(attention["loops"]) == (3 if "dca" in call else 2), attention  # one key loop per branch
+        branches = 3 if "dca" in call else 2
+        interior = sorted(attention["loops"])[:branches]  # one unmasked loop per branch
+        assert len(attention["loops"]) > 2 * branches - 1, attention  # masked band / tail loops beside them
+        assert all(n <= 1.2 * yardstick for n in interior), (call, interior, yardstick)
+        assert max(attention["loops"]) > 1.5 * yardstick, (call, attention["loops"], yardstick)
 
 
 def test_capturing_under_the_interpreter_is_refused(monkeypatch):
