@@ -26,6 +26,7 @@ sources); the values a method sets are chosen so that every transformers release
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 __all__ = ["NotStandard", "plain", "read_rope", "reads_back", "legacy_params", "legacy_layout", "layout_for",
@@ -147,13 +148,20 @@ CONFIG_FOR = ("transformers", "vllm")  # the readings an export chooses between 
 def write_reading(config: dict, rope_type: str, config_for: str, trained: int, target: int) -> None:
     """Turn a config.json written in the transformers reading (the patched config's) into ``config_for``'s, in place:
     for ``yarn``, vLLM's (``max_position_embeddings`` = the target, the trained length inside ``rope_scaling`` as
-    vLLM ≤ 0.11 requires). Every other rope type has one reading."""
+    vLLM ≤ 0.11 requires); for ``longrope`` with an attention factor, that factor also as ``short_mscale`` /
+    ``long_mscale`` (what vLLM's get_rope reads; it ignores ``attention_factor``, and transformers warns about the two
+    keys and ignores them). Every other rope type has one reading."""
     if config_for not in CONFIG_FOR:
         raise ValueError(f"config_for must be one of {list(CONFIG_FOR)}, got {config_for!r}")
     if config_for == "vllm" and rope_type == "yarn":
         config["max_position_embeddings"] = target
         if config.get("rope_scaling"):
             config["rope_scaling"]["original_max_position_embeddings"] = trained
+    if config_for == "vllm" and rope_type == "longrope":  # vLLM scales cos / sin by short_mscale / long_mscale
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = config.get(key)
+            if isinstance(rope, dict) and rope.get("attention_factor") is not None:
+                rope["short_mscale"] = rope["long_mscale"] = rope["attention_factor"]
 
 
 # Which runtimes read each rope type as longctx means it (docs/export.md has the table; the transformers side is
@@ -168,8 +176,15 @@ READERS = {
                                  "both its lengths from max_position_embeddings on Llama-family models and applies "
                                  "no scaling: do not serve it there (use yarn or pi)",
     ("longrope", "transformers"): "reads the same in transformers 4.46.3 and 5.25 (measured: bench/export_compat.py); "
-                                  "vLLM and SGLang read rope_type 'longrope' for Phi-3, not yet checked from their "
-                                  "sources for this export",
+                                  "vLLM (get_rope and Phi3LongRoPEScaledRotaryEmbedding, main of 2026-12, read "
+                                  "from source) reads the factors and original_max_position_embeddings, scales cos "
+                                  "/ sin by sqrt(1 + ln s / ln L) unless short_mscale / long_mscale are given, and "
+                                  "uses the long factors at every position whenever --max-model-len exceeds the "
+                                  "trained length (transformers: only for inputs longer than it)",
+    ("longrope", "vllm"): "reads the same in vLLM (main of 2026-12, from source: short_mscale / long_mscale = the "
+                          "attention factor) and in transformers 5.25, which warns about those two keys and ignores "
+                          "them; vLLM uses the long factors at every position whenever --max-model-len exceeds the "
+                          "trained length (transformers: only for inputs longer than it)",
     ("yarn", "transformers"): "reads the same in transformers 4.45 … 5.x and vLLM 0.12 … 0.29; vLLM ≤ 0.11 stops with "
                               "KeyError 'original_max_position_embeddings' and vLLM ≥ 0.30 serves only the trained "
                               "length: for those, export with config_for='vllm' (--config-for vllm)",
@@ -183,12 +198,19 @@ def reader_notes(kind: str, config_for: str, params: dict) -> list[str]:
     """The card's line on which runtimes read this config as longctx means it."""
     line = READERS.get((kind, config_for)) or READERS.get((kind, "transformers"))
     notes = [f"this config {line}"] if line else []
-    if config_for == "vllm" and kind != "yarn":
+    if config_for == "vllm" and kind not in ("yarn", "longrope"):
         notes.append("config_for='vllm' changes nothing for this rope type: one config serves every runtime")
     if kind == "yarn" and (any(k in params for k in ("attention_factor", "mscale", "mscale_all_dim"))
                            or params.get("truncate") is False):
         notes.append("vLLM ≤ 0.29 ignores attention_factor / mscale / mscale_all_dim (vLLM ≤ 0.11 also truncate) "
                      "and uses the default temperature 0.1·ln(factor) + 1")
+    if kind == "longrope" and config_for != "vllm" and params.get("attention_factor") is not None:
+        s, L = float(params.get("factor") or 1.0), params.get("original_max_position_embeddings")
+        default = math.sqrt(1 + math.log(s) / math.log(L)) if L and s > 1 else 1.0
+        if abs(float(params["attention_factor"]) - default) > 1e-9:
+            notes.append(f"vLLM ignores attention_factor ({params['attention_factor']:.6g}) and scales by "
+                         f"{default:.6g} unless short_mscale / long_mscale are set: for vLLM, export with "
+                         "config_for='vllm' (--config-for vllm), which writes them")
     if kind == "dynamic":
         notes.append("vLLM and SGLang apply dynamic NTK statically at the full target length (their rotary cache "
                      "is fixed); transformers recomputes it per sequence length, so short inputs differ between them")

@@ -397,3 +397,22 @@ def test_config_for_rejects_an_unknown_reading_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"config_for must be one of \['transformers', 'vllm'\], got 'sglang'"):
         longctx.export(src, tmp_path / "out", "yarn", target_length=256, config_for="sglang", progress=False)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_longrope_attention_factor_reaches_vllm_only_in_its_reading(tmp_path):
+    """vLLM's get_rope reads short_mscale / long_mscale, not attention_factor: the default export's card says so for
+    a non-default attention factor; config_for="vllm" writes both keys, which transformers ignores (same logits)."""
+    model, src = _saved(tmp_path, "llama")
+    params = dict(target_length=256, long_factor=[1.0, 1.5, 2.5, 4.0], attention_factor=1.05)
+    default = longctx.export(src, tmp_path / "default", "longrope", progress=False, **params)
+    assert any("vLLM ignores attention_factor (1.05)" in n for n in default.notes)
+    assert "short_mscale" not in json.dumps(_config(tmp_path / "default"))
+    vllm = longctx.export(src, tmp_path / "vllm", "longrope", config_for="vllm", verify=True, progress=False, **params)
+    rope = _config(tmp_path / "vllm")["rope_parameters"]
+    assert rope["short_mscale"] == rope["long_mscale"] == rope["attention_factor"] == 1.05
+    assert vllm.verify["max_abs_diff"] == 0.0 and not any("vLLM ignores" in n for n in vllm.notes)
+    assert any("short_mscale / long_mscale = the attention factor" in n for n in vllm.notes)
+    longctx.patch(model, "longrope", **params)
+    assert torch.equal(_out(_plain(tmp_path / "vllm", "llama")), _out(model))
+    plain = longctx.export(src, tmp_path / "plain", "longrope", target_length=256, progress=False)  # the default scale
+    assert not any("vLLM ignores" in n for n in plain.notes)
