@@ -127,19 +127,8 @@ if triton is not None:
                 pj = j + pos_off
                 ok = jm[None, :] & (pj[None, :] >= lo_r[:, None]) & (pj[None, :] < hi_r[:, None]) & live[:, None]
                 s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-            m_use = m_new
-            if MASKED:  # a row may have seen no key yet
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _se._load_tile(v_ptr, j, svn, offs_v, jm, vmask, MASKED, DV != DV_P)
-            if FP32:
-                acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            acc, m_i, l_i = _se._softmax_step(acc, m_i, l_i, s, row_scale, v_ptr, j, svn, offs_v, jm, vmask, DV, DV_P,
+                                              FP32, MASKED)
         return acc, m_i, l_i
 
     @triton.jit

@@ -204,6 +204,26 @@ if triton is not None:
         return src, c % HALF_P < HALF
 
     @triton.jit
+    def _softmax_step(acc, m_i, l_i, s, row_scale, v_ptr, j, svn, offs_v, jm, vmask, DV: tl.constexpr,
+                      DV_P: tl.constexpr, FP32: tl.constexpr, MASKED: tl.constexpr):
+        """One key tile of flash attention's online softmax (scores ``s``, the values of keys ``j``): ``(acc, m, l)``
+        updated. Scale > 0, so max(s)·scale = max(s·scale) and s·scale − m is one FMA per score; ``MASKED``: a row may
+        have seen no key yet (its max is −inf). Shared by the SelfExtend and pair-map kernels."""
+        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        m_use = m_new
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptr, j, svn, offs_v, jm, vmask, MASKED, DV != DV_P)
+        if FP32:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return acc, m_new, l_i
+
+    @triton.jit
     def _tiles(acc, m_i, l_i, q1, q2, ql1, ql2, qr1, qr2, row_scale, i_slot, lo, hi,
                k_ptr, v_ptr, g_ptr, freq, pos_off, group, window, skn, svn, sgn,
                MODE: tl.constexpr, CAUSAL: tl.constexpr, PRE_KG: tl.constexpr, HALF: tl.constexpr,
@@ -277,20 +297,8 @@ if triton is not None:
                 if CAUSAL:
                     ok = ok & (dist >= 0)
                 s = tl.where(ok, s, float("-inf"))
-            # scale > 0, so max(s)·scale = max(s·scale); s·scale − m is then one FMA per score
-            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-            m_use = m_new
-            if MASKED:  # a row may have seen no key yet
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_ptr, j, svn, offs_v, jm, vmask, MASKED, DV != DV_P)
-            if FP32:
-                acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, row_scale, v_ptr, j, svn, offs_v, jm, vmask, DV, DV_P,
+                                          FP32, MASKED)
         return acc, m_i, l_i
 
     @triton.jit
