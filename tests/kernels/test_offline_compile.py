@@ -80,6 +80,7 @@ def test_causal_prefill_scores_are_one_tensor_core_chain(defaults):
         assert attention["dot_waits"][0] == attention["dot_waits"][3] == 1, attention  # the two interiors
 
 
+@pytest.mark.slow  # a cold Triton cache compiles its 12 launches for minutes: in --runslow, not CI's 20
 def test_pairmap_launches_compile_fit_do_not_spill_and_use_tensor_cores():
     """The pair-map kernel (DCA, ReRoPE, Leaky ReRoPE, STRING): every shape class's default launch, prefill and
     decode. Each branch's interior (keys inside every row's interval) runs without predicates: its loop stays within
