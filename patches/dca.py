@@ -32,7 +32,7 @@ from .space import SearchSpace, Tunable, rope_trained_length
 
 NAME = "dca"
 DESCRIPTION = ("Dual Chunk Attention: positions within chunks of s - w, queries remapped for the previous and older "
-               "chunks so no distance exceeds s; an attention function, exact, O(n) memory (ChunkLlama, vLLM).")
+               "chunks so no distance exceeds s; an attention function, exact, O(n) memory (ChunkLlama; SGLang serves it).")
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,35 @@ def apply(model: nn.Module, cfg: DCAConfig, undo: Undo) -> Applied:
 
 
 def vllm_config(params: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's ``dual_chunk_attention_config`` (read by its Qwen2-family models; see docs/methods/dca.md for how its
-    semantics compare), and ``max_position_embeddings`` = the target so vLLM serves it."""
+    """The ``dual_chunk_attention_config`` SGLang's dual-chunk backend reads (and vLLM ≤ 0.10's did; see
+    :func:`engines` and docs/methods/dca.md for how its semantics compare), and ``max_position_embeddings`` = the
+    target so the engine serves that length."""
     keys: dict[str, Any] = {"dual_chunk_attention_config": {
         "chunk_size": params["chunk_size"], "local_size": params["local_window"],
         "original_max_position_embeddings": params["trained_length"] if params.get("mscale") else 0}}
     if params.get("target_length"):
         keys["max_position_embeddings"] = params["target_length"]
     return keys
+
+
+def engines(params: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """Who serves ``dual_chunk_attention_config``, from the engines' sources: SGLang's ``dual_chunk_flash_attn``
+    backend (python/sglang/srt/layers/attention/dual_chunk_flashattention_backend.py, rotary_embedding/factory.py:
+    ``chunk_size``, ``local_size``, ``original_max_position_embeddings``); vLLM parses the key but lost the backend
+    with its V0 engine in 0.11.0 (PR #25351)."""
+    target = params.get("target_length") or "N"
+    return {
+        "sglang": (True, "runs it where the model's SGLang attention passes dual_chunk_attention_config to get_rope "
+                         "(the Qwen2 / Qwen3 families it was written for, e.g. Qwen2.5-1M; check other families' model "
+                         f"file): `python -m sglang.launch_server --model-path OUT --attention-backend "
+                         f"dual_chunk_flash_attn --context-length {target}`; its length scaling multiplies the keys by "
+                         "0.1·ln(n/L) + 1 (longctx and ChunkLlama: cos / sin by 0.05·ln(n/L) + 1, the same to first "
+                         "order), so logits past L differ slightly"),
+        "vllm": (False, "does not run it: vLLM ≥ 0.11 parses dual_chunk_attention_config but has no backend for it "
+                        "(the dual-chunk backend went with the V0 engine, PR #25351) and serves the base model's "
+                        "attention; vLLM 0.8 … 0.10 ran it on Qwen2-family models with "
+                        "VLLM_ATTENTION_BACKEND=DUAL_CHUNK_FLASH_ATTN (V0)"),
+    }
 
 
 def tune(model: nn.Module, target_length: int) -> SearchSpace:
@@ -109,6 +130,6 @@ METHOD = register(Method(
     NAME, "rope_attention", DESCRIPTION, DCAConfig, apply, export_form="longctx", aliases=("dual_chunk",
                                                                                             "chunkllama"),
     bounded=False, tune=tune,
-    decoders_only=True, config_keys=vllm_config,
+    decoders_only=True, config_keys=vllm_config, engines=engines,
     examples=lambda L: [{"target_length": 4 * L}, {"chunk_size": L // 2, "local_window": L // 8, "mscale": False}],
 ))

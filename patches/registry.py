@@ -65,6 +65,10 @@ class Method:
         tune: ``tune(model, target_length) -> SearchSpace`` (``longctx.patches.space``): the parameters
             ``longctx.search`` and ``longctx recommend`` may tune at that length, the seeds they start from; ``None``:
             the method is ranked with its declared variants, not tuned.
+        engines: ``engines(record params) -> {engine: (runs it, line)}`` for a method no standard config expresses:
+            which serving engines (``"vllm"``, ``"sglang"``, ``"llama.cpp"``) run it and how (the exact serve line),
+            or why not, from each engine's source. Undeclared engines do not run it (:meth:`engine_lines`). Methods
+            of the config form are read by rope type instead (``longctx.patches.portable.READERS``).
         carry_files: parameters naming files that an export must carry along, each mapped to
             ``write(value, directory) -> "./name"`` (it writes the file into the export and returns how the saved
             record refers to it; ``longctx.load`` resolves ``./`` against the export's directory).
@@ -90,6 +94,7 @@ class Method:
     cache_exact: bool | Callable[[dict[str, Any]], bool] = True
     bounded: bool = True
     tune: Callable[[nn.Module, int], Any] | None = None
+    engines: Callable[[dict[str, Any]], dict[str, tuple[bool, str]]] | None = None
 
     def __post_init__(self) -> None:
         if self.examples is None:
@@ -110,6 +115,14 @@ class Method:
     def form(self, params: dict[str, Any]) -> str:
         """The export form for these resolved parameters."""
         return self.export_form(params) if callable(self.export_form) else self.export_form
+
+    def engine_lines(self, params: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+        """Per serving engine: ``(runs it as meant, the line the card prints)`` for a method of the longctx form
+        (declared by ``engines``; an engine it does not declare loads the base model unextended)."""
+        declared = self.engines(params) if self.engines else {}
+        lines = {engine: (False, f"does not run {self.name}: it loads the base model, unextended (the longctx block "
+                                 "is longctx's own)") for engine in ("vllm", "sglang", "llama.cpp")}
+        return {**lines, **declared}
 
     def parameters(self) -> list[tuple[str, str, Any]]:
         """(name, type, default) of every parameter the method takes."""

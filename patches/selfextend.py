@@ -17,7 +17,7 @@ ModernBERT's local layers) are left to plain attention: they never see a distanc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -219,8 +219,21 @@ def tune(model: nn.Module, target_length: int) -> SearchSpace:
         note=f"window in [{max(2, L // 32)}, {max(2, L // 2)}], group size, log-scaled queries or not")
 
 
+def engines(params: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """llama.cpp's own port of SelfExtend (LongLM authors, llama.cpp PR #4815): ``--grp-attn-n`` / ``--grp-attn-w``
+    of ``llama-completion`` (tools/completion/completion.cpp, llama.cpp of 2026-10): it shifts and divides the
+    positions of cached keys in blocks of ``-gaw`` as generation passes them, rather than SelfExtend's two-branch
+    attention, so its logits are not longctx's; ``-gaw`` must be a multiple of ``-gan``."""
+    g, w = int(params.get("group_size") or 1), int(params.get("window") or 0)
+    gaw = max(g, (w // g) * g)
+    return {"llama.cpp": (True, f"runs its own SelfExtend port on the base model's GGUF: `llama-completion -m OUT.gguf "
+                                f"-c {params.get('target_length') or 'N'} --grp-attn-n {g} --grp-attn-w {gaw}` (keys "
+                                "re-positioned in blocks as generation passes them, not longctx's two-branch "
+                                "attention: logits differ; llama-server and llama-cpp-python have no such option)")}
+
+
 METHOD = register(Method(NAME, "rope_attention", DESCRIPTION, SelfExtendConfig, apply, export_form="longctx",
-                         tune=tune,
+                         tune=tune, engines=engines,
                          aliases=("self_extend", "grouped_attention"),
                          examples=lambda L: [{"group_size": 4, "window": L // 4},
                                              {"target_length": 8 * L, "shift": "float", "scale_base": float(L)}]))

@@ -30,7 +30,11 @@ def search_cmd(
     max_trials: Annotated[Optional[int], typer.Option(help="At most this many candidates (seeds included).")] = None,
     seed: Annotated[int, typer.Option(help="The sampler's seed (same seed, text and model: same candidates).")] = 0,
     export: Annotated[Optional[Path], typer.Option(help="Write the winner here as a standard checkpoint "
-                                                        "(plain transformers loads it extended).")] = None,
+                                                        "(plain transformers loads it extended), or as a GGUF for "
+                                                        "llama.cpp when it ends in .gguf.")] = None,
+    config_for: Annotated[str, typer.Option(help="With --export: the reading to write where engines differ "
+                                                 "('transformers', 'vllm', 'sglang'; see 'longctx export "
+                                                 "--help').")] = "transformers",
     out: Annotated[Optional[Path], typer.Option(help="Write search.json (every candidate) here.")] = None,
 ):
     """Search a method's parameters for MODEL at the target length on perplexity, bounded by --budget: LongRoPE's
@@ -48,6 +52,12 @@ def search_cmd(
     positive("--windows", windows, 1)
     positive("--max-trials", max_trials, 1)
     text_source(text)
+    from longctx.export.forms import CONFIG_FOR
+
+    if config_for not in CONFIG_FOR:
+        fail(f"--config-for must be one of {', '.join(CONFIG_FOR)}, got '{config_for}'")
+    if config_for != "transformers" and (export is None or export.suffix == ".gguf"):
+        fail("--config-for applies with --export to a directory (a Hugging Face export)")
     if export is not None and export.exists():
         fail(f"--export: {export} exists; give a new directory (an export never overwrites one here)")
     check_out(out)
@@ -75,7 +85,8 @@ def search_cmd(
         (out / "search.json").write_text(json.dumps({**found.to_dict(), "model": model}, indent=2))
         typer.echo(f"wrote {out / 'search.json'}")
     if export is not None:
-        result = longctx.export(model, export, method, progress=False, **found.params)
+        result = longctx.export(model, export, method, progress=False,
+                                **({"config_for": config_for} if export.suffix != ".gguf" else {}), **found.params)
         typer.echo(f"export: {export} ({result.form} form)")
 
 

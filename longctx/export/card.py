@@ -14,6 +14,8 @@ FORMS = {
     "longctx": "longctx block in config.json (re-applied by `longctx.load`; plain transformers loads the base model)",
     "weights": "interpolated position table written into the weights (loads at the new length anywhere; "
                "`longctx.load` restores the anchor mapping)",
+    "gguf": "GGUF file for llama.cpp (and the tools built on it: Ollama, LM Studio, llama-cpp-python), the extension "
+            "in its rope metadata",
 }
 
 
@@ -38,6 +40,21 @@ def model_card(result: Any, is_st: bool = False) -> str:
         "config.json keys set by the export:", "", "```json", json.dumps(result.config, indent=2, default=str), "```",
         "", "## Load", "",
     ]
+    if result.form == "gguf":
+        ctx = result.target_length
+        lines += ["```bash", f"llama-server -m PATH.gguf -c {ctx}", f"llama-cli -m PATH.gguf -c {ctx}", "```", "",
+                  "```python", "from llama_cpp import Llama", f"llm = Llama(model_path=\"PATH.gguf\", n_ctx={ctx})",
+                  "```", "", "Ollama: a Modelfile with `FROM ./PATH.gguf` and "
+                  f"`PARAMETER num_ctx {ctx}`.", ""]
+        if result.notes:
+            lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
+        if result.verify:
+            v = result.verify
+            lines += ["## Verification (`--verify`)", "",
+                      f"- llama.cpp (llama-cpp-python) on the written file vs the patched model in memory, {v['tokens']} "
+                      f"random tokens: max |Δ logit| = {v['max_abs_diff']:.3g} (logits up to {v['max_abs_output']:.3g}), "
+                      f"top-1 agreement {v['top1_agreement']:.1%}", ""]
+        return "\n".join(lines)
     if result.form == "config" and not is_st:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",

@@ -394,8 +394,8 @@ def test_config_for_changes_nothing_where_one_config_serves_every_runtime(tmp_pa
 
 def test_config_for_rejects_an_unknown_reading_before_any_work(tmp_path):
     _, src = _saved(tmp_path, "llama")
-    with pytest.raises(ValueError, match=r"config_for must be one of \['transformers', 'vllm'\], got 'sglang'"):
-        longctx.export(src, tmp_path / "out", "yarn", target_length=256, config_for="sglang", progress=False)
+    with pytest.raises(ValueError, match=r"config_for must be one of \['transformers', 'vllm', 'sglang'\], got 'tgi'"):
+        longctx.export(src, tmp_path / "out", "yarn", target_length=256, config_for="tgi", progress=False)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -60,9 +60,9 @@ def test_export_command_errors(tmp_path):
 def test_export_config_for_on_the_command_line(tmp_path):
     build("llama").save_pretrained(tmp_path / "src")
     bad = runner.invoke(app, ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--method", "yarn",
-                              "--factor", "4", "--config-for", "sglang"])
+                              "--factor", "4", "--config-for", "tgi"])
     assert bad.exit_code == 2 and not (tmp_path / "out").exists()
-    assert "--config-for must be one of transformers, vllm, got 'sglang'" in " ".join(bad.output.split())
+    assert "--config-for must be one of transformers, vllm, sglang, got 'tgi'" in " ".join(bad.output.split())
     ok = runner.invoke(app, ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--method", "yarn",
                              "--factor", "4", "--config-for", "vllm"])
     assert ok.exit_code == 0, ok.output
