@@ -258,8 +258,9 @@ def _export_gguf(source: Any, out: Path, method: str | None, *, tokenizer: Any, 
 
 def _verify_gguf(model: Any, path: Path, result: ExportResult, extended: bool) -> dict[str, Any]:
     """llama.cpp's logits of the written file against the patched model's on random tokens past the trained length
-    (f32 weights: 1e-3 of the largest logit; f16 / q8_0 / quantised sources: the top-1 token agreeing on ≥ 90 % of
-    positions)."""
+    (f32 weights: within 1 % of the largest logit and the same top-1 token at ≥ 99 % of positions — llama.cpp sums
+    in another order and computes its angles in fp32; f16 / q8_0 / quantised sources: the same top-1 token at ≥ 90 %
+    of positions)."""
     from .gguf import llama_cpp_logits
 
     trained, target = result.trained_length or 0, result.target_length or 0
@@ -273,7 +274,7 @@ def _verify_gguf(model: Any, path: Path, result: ExportResult, extended: bool) -
     scale = float(abs(expected).max())
     top1 = float((expected.argmax(-1) == got.argmax(-1)).mean())
     exact = result.config["gguf_type"] == "f32"
-    if (exact and diff > 1e-3 * max(1.0, scale)) or (not exact and top1 < 0.9):
+    if (exact and (diff > 1e-2 * max(1.0, scale) or top1 < 0.99)) or (not exact and top1 < 0.9):
         raise ExportError(f"llama.cpp's logits of the GGUF differ from the patched model's (max |Δ| {diff:.3g}, "
                           f"top-1 agreement {top1:.1%} at {n} tokens): the export is not written")
     return {"tokens": n, "max_abs_diff": diff, "max_abs_output": scale, "top1_agreement": top1,
