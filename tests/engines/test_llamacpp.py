@@ -19,10 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _llama_cpp():
-    try:
-        from longctx.export.gguf import llama_cpp_logits
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    from longctx.export.gguf import llama_cpp_logits
+
+    if importlib.util.find_spec("llama_cpp") is None:
         pytest.fail("llama-cpp-python is not installed: pip install llama-cpp-python (it builds llama.cpp)")
     return llama_cpp_logits
 

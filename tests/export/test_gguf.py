@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import longctx
