@@ -1,6 +1,12 @@
 """``longctx.export``: write an extended checkpoint that loads everywhere it can (floor 5).
 
-Three forms, each method declaring its own (``export_form`` in its registration; the table per method is in
+One straight path: resolve the source (``sources.resolve``: a directory, a ``.gguf``, a model in memory; nothing
+loaded) → open it (``sources.open_source``: load it, or a weightless skeleton where the weights are only copied, and
+patch it with the public ``longctx.patch``) → write through the output format's writer (``directory.py`` for a
+Hugging Face directory, ``gguf.py`` for an ``OUT.gguf`` llama.cpp runs) into a hidden partial sibling → verify →
+card → move into place.
+
+Three directory forms, each method declaring its own (``export_form`` in its registration; the table per method is in
 docs/export.md):
 
 * ``"config"`` — a standard config expresses the method: config.json gets the transformers 5 ``rope_parameters``
@@ -24,6 +30,7 @@ them in as ``checks`` (``longctx.eval.export_checks`` builds the CLI's), so expo
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -35,11 +42,14 @@ from typing import Any
 
 import torch
 
+from .. import api
 from ..models import unwrap
 from .card import model_card, write_card
-from .files import PARTIAL, ExportError, move_into_place, partial_dir, recover
-from .forms import CONFIG_FOR, standard_config
-from .sources import Job, memory_job, path_job, tokenizer_of
+from .directory import write_directory
+from .files import PARTIAL, ExportError, check_out, move_into_place, partial_dir, recover
+from .forms import CONFIG_FOR, NotStandard, standard_config
+from .gguf import GGUF_TYPES, verify_gguf, write_gguf_export
+from .sources import Opened, open_source, resolve, tokenizer_of
 
 __all__ = ["export", "ExportResult", "ExportError", "Check", "model_card", "standard_config"]
 
@@ -120,165 +130,77 @@ def export(
         ``FileNotFoundError`` for a source that is not a model, ``ValueError`` / ``TypeError`` for a method or
         parameter that does not fit, :class:`ExportError` when verification fails (nothing is written).
     """
-    from .. import api
-
     start = time.time()
     if config_for not in CONFIG_FOR:
         raise ValueError(f"config_for must be one of {list(CONFIG_FOR)}, got {config_for!r}")
     out = Path(out).expanduser().absolute()
-    if out.suffix == ".gguf":
-        return _export_gguf(model_or_path, out, method, tokenizer=tokenizer, overwrite=overwrite, verify=verify,
-                            checks=checks, gguf_type=gguf_type, params=params, start=start)
-    if gguf_type is not None:
+    to_gguf = out.suffix == ".gguf"
+    if to_gguf:
+        if gguf_type is not None and gguf_type not in GGUF_TYPES:
+            raise ValueError(f"gguf_type must be one of {list(GGUF_TYPES)}, got {gguf_type!r}")
+        if checks:
+            raise ValueError("evaluations (passkey …) run on a Hugging Face export; a .gguf export checks with "
+                             "verify=True (--verify: llama.cpp's logits against the patched model)")
+    elif gguf_type is not None:
         raise ValueError("gguf_type applies to a .gguf output only (OUT ending in .gguf)")
+    # 1. resolve the source (nothing loaded), 2. check the output, 3. open: load (or a skeleton) and patch
+    source = resolve(model_or_path, tokenizer)
     recover(out)  # a previous export left aside by an overwrite that did not finish comes back first
-    if isinstance(model_or_path, (str, Path)):
-        job = path_job(str(model_or_path), out, method, params, overwrite)
-    else:
-        job = memory_job(model_or_path, tokenizer, out, method, params, overwrite)
+    if to_gguf and out.is_dir():
+        raise FileExistsError(f"{out} is a directory")
+    if to_gguf and out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if not to_gguf:
+        check_out(out, source.folder if source.gguf is None else None, overwrite)
+    opened = open_source(source, method, params, weights=to_gguf)
     partial = None
     try:
-        partial = partial_dir(out)
-        record, form, info, set_keys, notes = job.run(partial, progress, config_for)
-        if form == "longctx":  # who serves it: the method's own reading of each engine
-            lines = api.get_method(record["method"]).engine_lines(record["params"])
-            notes += [f"{engine}: {line}" for engine, (_, line) in lines.items()]
-        notes = list(dict.fromkeys(notes))  # the patch and the form may say the same thing
-        result = ExportResult(path=Path(), source=job.source, method=record["method"], form=form,
-                              params=record["params"], trained_length=info.trained_length,
-                              target_length=info.target_length, config=set_keys, notes=notes,
+        # 4. write through the format's writer, into a hidden partial sibling
+        if to_gguf:
+            partial = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                form, set_keys, notes = write_gguf_export(partial, opened, gguf_type)
+            except NotStandard as e:
+                raise ValueError(str(e)) from None
+        else:
+            partial = partial_dir(out)
+            form, set_keys, notes = write_directory(partial, opened, config_for, progress)
+        info = opened.info
+        result = ExportResult(path=Path(), source=source.label, method=opened.record["method"], form=form,
+                              params=opened.record["params"], trained_length=info.trained_length,
+                              target_length=info.target_length, config=set_keys,
+                              notes=list(dict.fromkeys(notes)),  # the patch and the form may say the same thing
                               config_for=config_for)
-        loaded = api.load(partial) if verify or checks else None
-        if verify:
-            result.verify = _verify(loaded, job, result)
-        for check in checks:
-            tok = job.reference()[1] or tokenizer_of(partial)
-            data, lines = check.run(loaded, tok, result, progress)
-            result.checks[check.name] = {"title": check.title, "lines": lines, "data": data}
-        write_card(partial, result)
-        move_into_place(partial, out, overwrite)
+        # 5. verify, 6. checks, 7. card, then into place
+        if to_gguf:
+            if verify:
+                context = next(v for k, v in set_keys.items() if k.endswith(".context_length"))
+                result.verify = verify_gguf(opened.model, partial, info.trained_length or 0, context,
+                                            extended=context > (info.trained_length or 0),
+                                            exact=set_keys["gguf_type"] == "f32")
+            os.replace(partial, out)
+            out.with_name(out.name + ".md").write_text(model_card(result))
+        else:
+            loaded = api.load(partial) if verify or checks else None
+            if verify:
+                result.verify = _verify(loaded, opened, result)
+            for check in checks:
+                tok = opened.reference()[1] or tokenizer_of(partial)
+                data, lines = check.run(loaded, tok, result, progress)
+                result.checks[check.name] = {"title": check.title, "lines": lines, "data": data}
+            write_card(partial, result)
+            move_into_place(partial, out, overwrite)
     except BaseException:
-        if partial is not None:
+        if partial is not None and partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
+        elif partial is not None:
+            partial.unlink(missing_ok=True)
         raise
     finally:
-        job.close()
+        opened.close()
     result.path, result.seconds = out, round(time.time() - start, 3)
     return result
-
-
-def _export_gguf(source: Any, out: Path, method: str | None, *, tokenizer: Any, overwrite: bool, verify: bool,
-                 checks: Sequence[Check], gguf_type: str | None, params: dict, start: float) -> ExportResult:
-    """``export`` to a ``.gguf`` file: resolve the source, load it, patch it with the public API, write one file
-    (``gguf.py``), verify it with llama.cpp (``verify``), write the card beside it (``OUT.md``)."""
-    import os
-
-    from .. import api
-    from ..loading import load_causal_lm, resolve_model_path
-    from .gguf import GGUF_TYPES, rope_inputs, write_gguf
-    from .sources import tokenizer_of
-    from longctx.patches.portable import NotStandard, gguf_rope
-
-    if gguf_type is not None and gguf_type not in GGUF_TYPES:
-        raise ValueError(f"gguf_type must be one of {list(GGUF_TYPES)}, got {gguf_type!r}")
-    if checks:
-        raise ValueError("evaluations (passkey …) run on a Hugging Face export; a .gguf export checks with "
-                         "verify=True (--verify: llama.cpp's logits against the patched model)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    if out.exists() and out.is_dir():
-        raise FileExistsError(f"{out} is a directory")
-    source_gguf, own = None, isinstance(source, (str, Path))
-    if own:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        folder, gguf_name = resolve_model_path(str(source))
-        if gguf_name is not None:
-            source_gguf = folder / gguf_name
-            model, tokenizer = load_causal_lm(str(source_gguf))
-        else:
-            model, tokenizer = api.load(folder), tokenizer_of(folder)
-        name = str(source_gguf or folder)
-    else:
-        model, name = source, getattr(getattr(source, "config", None), "_name_or_path", "") or type(source).__name__
-    if method is None:
-        if not api.is_patched(model):
-            raise ValueError("give the method to export with (longctx.methods() lists them)")
-        info, patched_here = api.patch_info(model), False
-    else:
-        if api.is_patched(model):
-            raise ValueError(f"the model is already patched with '{api.patch_info(model).method}': export that "
-                             "patch with method=None, or longctx.unpatch it first")
-        info, patched_here = api.patch(model, method, tokenizer=tokenizer, **params), True
-    partial = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
-    try:
-        spec = api.get_method(info.method)
-        served = spec.engine_lines(info.params).get("llama.cpp") if spec.engines else None
-        form = info.form or spec.form(info.params)
-        notes = list(info.notes)
-        if form == "config":
-            rope_params, inv_freq, attention, base = rope_inputs(model)
-            rope = gguf_rope(rope_params, inv_freq, attention, base, int(info.trained_length))
-            notes += rope.notes
-            context = int(info.target_length or info.trained_length)
-            weights = model
-        elif served is not None and served[0]:  # the engine runs it on the base model's file (SelfExtend)
-            with api.unpatched(model):
-                rope_params, inv_freq, attention, base = rope_inputs(model)
-            rope = gguf_rope(rope_params, inv_freq, attention, base, int(info.trained_length))
-            notes.append(f"llama.cpp: {served[1]}")
-            context = int(info.trained_length)
-            weights = model
-        else:
-            why = served[1] if served else f"llama.cpp does not run {info.method} (it changes attention itself)"
-            raise NotStandard(f"no GGUF form for '{info.method}': {why}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with api.unpatched(model):  # the weights are the base model's; the extension is in the rope metadata
-            keys = write_gguf(partial, model=weights, tokenizer=tokenizer, rope=rope, context=context,
-                              gguf_type=gguf_type, source_gguf=source_gguf, name=Path(name).name)
-        result = ExportResult(path=out, source=name, method=info.method, form="gguf", params=dict(info.params),
-                              trained_length=info.trained_length, target_length=info.target_length, config=keys,
-                              notes=list(dict.fromkeys(notes)))
-        result.config["gguf_type"] = gguf_type or ("as the source" if source_gguf else "f16")
-        if verify:
-            result.verify = _verify_gguf(model, partial, result, form == "config")
-        os.replace(partial, out)
-        out.with_name(out.name + ".md").write_text(model_card(result))
-    except NotStandard as e:
-        partial.unlink(missing_ok=True)
-        raise ValueError(str(e)) from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        if patched_here and not own:
-            api.unpatch(model)
-    result.seconds = round(time.time() - start, 3)
-    return result
-
-
-def _verify_gguf(model: Any, path: Path, result: ExportResult, extended: bool) -> dict[str, Any]:
-    """llama.cpp's logits of the written file against the patched model's on random tokens past the trained length
-    (f32 weights: within 1 % of the largest logit and the same top-1 token at ≥ 99 % of positions — llama.cpp sums
-    in another order and computes its angles in fp32; f16 / q8_0 / quantised sources: the same top-1 token at ≥ 90 %
-    of positions)."""
-    from .gguf import llama_cpp_logits
-
-    trained, target = result.trained_length or 0, result.target_length or 0
-    n = min(target, trained + 64) if extended and target else min(trained, 128)
-    hf = unwrap(model)
-    vocab = hf.config.vocab_size
-    ids = torch.randint(min(5, vocab - 1), vocab, (1, n), generator=torch.Generator().manual_seed(0))
-    expected = _outputs(model, ids)[0].numpy()
-    got = llama_cpp_logits(path, ids[0].tolist(), n_ctx=max(n, target if extended else trained))
-    diff = float(abs(expected - got).max())
-    scale = float(abs(expected).max())
-    top1 = float((expected.argmax(-1) == got.argmax(-1)).mean())
-    exact = result.config["gguf_type"] == "f32"
-    if (exact and (diff > 1e-2 * max(1.0, scale) or top1 < 0.99)) or (not exact and top1 < 0.9):
-        raise ExportError(f"llama.cpp's logits of the GGUF differ from the patched model's (max |Δ| {diff:.3g}, "
-                          f"top-1 agreement {top1:.1%} at {n} tokens): the export is not written")
-    return {"tokens": n, "max_abs_diff": diff, "max_abs_output": scale, "top1_agreement": top1,
-            "engine": "llama.cpp (llama-cpp-python)"}
 
 
 def _outputs(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -288,9 +210,9 @@ def _outputs(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().cpu()
 
 
-def _verify(loaded: Any, job: Job, result: ExportResult) -> dict[str, Any]:
+def _verify(loaded: Any, opened: Opened, result: ExportResult) -> dict[str, Any]:
     """Compare the reloaded export with the patched model in memory on random tokens past the trained length."""
-    reference, _ = job.reference()
+    reference, _ = opened.reference()
     hf = unwrap(reference)
     trained, target = result.trained_length or 0, result.target_length or 0
     n = min(target, trained + 64) if target else 128

@@ -64,8 +64,8 @@ def recover(out: Path) -> None:
     if ``out`` is missing (it was the last good export), else removed."""
     if not out.parent.exists():
         return
-    for stale in _stale(out, PARTIAL):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in _stale(out, PARTIAL):  # a directory, or a GGUF file
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     for old in _stale(out, OLD):
         if not out.exists():
             os.rename(old, out)

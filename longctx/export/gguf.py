@@ -26,7 +26,8 @@ import torch
 
 from longctx.patches.portable import GGUFRope, NotStandard
 
-__all__ = ["GGUF_TYPES", "HF_ARCHS", "write_gguf", "read_gguf_kv", "rope_inputs", "llama_cpp_logits"]
+__all__ = ["GGUF_TYPES", "HF_ARCHS", "write_gguf_export", "write_gguf", "verify_gguf", "read_gguf_kv", "rope_inputs",
+           "llama_cpp_logits"]
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> GGUF arch
@@ -91,6 +92,35 @@ def _add_rope(writer: Any, arch: str, rope: GGUFRope, context: int) -> None:
                           f"({', '.join(rope.tensors)}); this rope type is written for the llama architecture only")
     for name, values in rope.tensors.items():
         writer.add_tensor(f"{name}.weight", np.asarray(values, dtype=np.float32))
+
+
+def write_gguf_export(partial: Path, opened: Any, gguf_type: str | None) -> tuple[str, dict, list[str]]:
+    """Write the export's GGUF file ``partial`` from an opened source (``sources.open_source``, weights loaded):
+    ``(form, keys written, notes)``. The rope metadata is the patched model's (config-form methods); a method of
+    the longctx form that llama.cpp runs its own way on the base model (``Method.engines``) gets the base model's
+    rope and its serve line; any other raises :class:`NotStandard`."""
+    from .. import api
+    from longctx.patches import portable
+
+    model, info, form = opened.model, opened.info, opened.form
+    served = opened.spec.engine_lines(info.params).get("llama.cpp") if form != "config" else None
+    notes = list(info.notes)
+    if form == "config":
+        rope = portable.gguf_rope(*rope_inputs(model), int(info.trained_length))
+        context = int(info.target_length or info.trained_length)
+    elif served is not None and served[0]:  # run on the base model's file (SelfExtend's llama.cpp port)
+        with api.unpatched(model):
+            rope = portable.gguf_rope(*rope_inputs(model), int(info.trained_length))
+        notes.append(f"llama.cpp: {served[1]}")
+        context = int(info.trained_length)
+    else:
+        raise NotStandard(f"no GGUF form for '{info.method}': {served[1] if served else 'llama.cpp does not run it'}")
+    notes += rope.notes
+    with api.unpatched(model):  # the weights are the base model's; the extension is in the rope metadata
+        keys = write_gguf(partial, model=model, tokenizer=opened.tokenizer, rope=rope, context=context,
+                          gguf_type=gguf_type, source_gguf=opened.source.gguf, name=Path(opened.source.label).name)
+    keys["gguf_type"] = gguf_type or ("as the source" if opened.source.gguf else "f16")
+    return "gguf", keys, notes
 
 
 def write_gguf(path: Path, *, model: Any, tokenizer: Any, rope: GGUFRope, context: int, gguf_type: str | None,
@@ -224,6 +254,30 @@ def _finish(writer: Any) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
+
+
+def verify_gguf(model: Any, path: Path, trained: int, target: int, extended: bool, exact: bool) -> dict[str, Any]:
+    """llama.cpp's logits of the written file against the patched model's on random tokens past the trained length
+    (``exact``, f32 weights: within 1 % of the largest logit and the same top-1 token at ≥ 99 % of positions —
+    llama.cpp sums in another order and computes its angles in fp32; f16 / q8_0 / quantised sources: the same top-1
+    token at ≥ 90 % of positions). Raises ``ExportError`` otherwise."""
+    from ..models import unwrap
+    from .files import ExportError
+
+    n = min(target, trained + 64) if extended and target else min(trained, 128)
+    hf = unwrap(model)
+    vocab = hf.config.vocab_size
+    ids = torch.randint(min(5, vocab - 1), vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(input_ids=ids.to(next(hf.parameters()).device)).logits[0].float().cpu().numpy()
+    got = llama_cpp_logits(path, ids[0].tolist(), n_ctx=max(n, target if extended else trained))
+    diff, scale = float(np.abs(expected - got).max()), float(np.abs(expected).max())
+    top1 = float((expected.argmax(-1) == got.argmax(-1)).mean())
+    if (exact and (diff > 1e-2 * max(1.0, scale) or top1 < 0.99)) or (not exact and top1 < 0.9):
+        raise ExportError(f"llama.cpp's logits of the GGUF differ from the patched model's (max |Δ| {diff:.3g}, "
+                          f"top-1 agreement {top1:.1%} at {n} tokens): the export is not written")
+    return {"tokens": n, "max_abs_diff": diff, "max_abs_output": scale, "top1_agreement": top1,
+            "engine": "llama.cpp (llama-cpp-python)"}
 
 
 def rope_inputs(model: Any) -> tuple[dict, Any, float, Any]:
