@@ -59,8 +59,11 @@ def model_card(result: Any, is_st: bool = False) -> str:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
                   "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```", "",
-                  "```bash", "# which vLLM releases read this config as meant: see Notes",
-                  f"vllm serve PATH --max-model-len {result.target_length}", "```", ""]
+                  "```bash", "# which vLLM / SGLang releases read this config as meant: see Notes",
+                  f"vllm serve PATH --max-model-len {result.target_length}",
+                  f"python -m sglang.launch_server --model-path PATH --context-length {result.target_length}",
+                  "```", "", "llama.cpp / Ollama: `longctx export PATH OUT.gguf` writes a GGUF with llama.cpp's own "
+                  "rope keys.", ""]
     if is_st:
         lines += ["```python", "import longctx  # or: from sentence_transformers import SentenceTransformer",
                   "model = longctx.load(\"PATH\")", "```", ""]

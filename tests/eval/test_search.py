@@ -103,7 +103,9 @@ def test_search_command_prints_the_candidates_and_exports_the_winner(stories_pat
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
     for argv, message in ((["--method", "bogus"], "searches longrope"), (["--export", str(export)], "exists"),
-                          (["--budget", "0"], "--budget must be")):
+                          (["--budget", "0"], "--budget must be"),
+                          (["--config-for", "tgi"], "--config-for must be one of transformers, vllm, sglang"),
+                          (["--config-for", "vllm"], "--config-for applies with --export")):
         bad = runner.invoke(app, ["search", str(stories_path), "--target-length", "1024", *argv])
         assert bad.exit_code == 2 and message in bad.output
 

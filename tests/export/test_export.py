@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -416,3 +417,39 @@ def test_a_longrope_attention_factor_reaches_vllm_only_in_its_reading(tmp_path):
     assert torch.equal(_out(_plain(tmp_path / "vllm", "llama")), _out(model))
     plain = longctx.export(src, tmp_path / "plain", "longrope", target_length=256, progress=False)  # the default scale
     assert not any("vLLM ignores" in n for n in plain.notes)
+
+
+def test_config_for_sglang_writes_yarn_and_longrope_as_sglang_reads_them(tmp_path):
+    """SGLang (from its source): context = max_position_embeddings unless rope_scaling lacks the trained length (then
+    × factor), which under transformers 5 it never lacks; yarn's temperature override is attn_factor (on top of
+    0.1·ln s + 1), longrope's short_mscale / long_mscale. config_for="sglang" writes those; transformers ignores the
+    extra keys (same logits); the card says which engines read it."""
+    model, src = _saved(tmp_path, "llama")
+    result = longctx.export(src, tmp_path / "y", "yarn", target_length=256, attention_factor=1.3, config_for="sglang",
+                            verify=True, progress=False)
+    config = _config(tmp_path / "y")
+    assert config["max_position_embeddings"] == 256 and config["rope_scaling"]["original_max_position_embeddings"] == 64
+    assert config["rope_scaling"]["attn_factor"] == pytest.approx(1.3 / (0.1 * math.log(4) + 1))
+    assert result.verify["max_abs_diff"] == 0.0 and any("reads the same in SGLang" in n for n in result.notes)
+    longctx.patch(model, "yarn", target_length=256, attention_factor=1.3)
+    assert torch.equal(_out(_plain(tmp_path / "y", "llama")), _out(model))
+    longctx.unpatch(model)
+    params = dict(target_length=256, long_factor=[1.0, 1.5, 2.5, 4.0], attention_factor=1.05)
+    longctx.export(src, tmp_path / "l", "longrope", config_for="sglang", verify=True, progress=False, **params)
+    rope = _config(tmp_path / "l")["rope_scaling"]
+    assert rope["short_mscale"] == rope["long_mscale"] == 1.05
+    default = longctx.export(src, tmp_path / "d", "yarn", target_length=256, progress=False)
+    assert any("config_for='sglang'" in n for n in default.notes)  # the default says SGLang-on-5.x needs it
+
+
+def test_longctx_form_card_says_which_engine_serves_it(tmp_path):
+    """A DCA export: SGLang's serve line, vLLM's refusal (no backend since 0.11), llama.cpp's; SelfExtend: llama.cpp's
+    own port named with its flags."""
+    _, src = _saved(tmp_path, "llama")
+    dca = longctx.export(src, tmp_path / "dca", "dca", chunk_size=32, local_window=8, target_length=256,
+                         progress=False)
+    card = (tmp_path / "dca" / "README.md").read_text()
+    assert "--attention-backend dual_chunk_flash_attn" in card and "PR #25351" in card
+    assert any(n.startswith("llama.cpp: does not run dca") for n in dca.notes)
+    longctx.export(src, tmp_path / "se", "selfextend", group_size=4, window=16, progress=False)
+    assert "--grp-attn-n 4 --grp-attn-w 16" in (tmp_path / "se" / "README.md").read_text()
