@@ -60,10 +60,13 @@ def run(model_name: str, methods: list[str], types: list[str | None], tokens: in
                 out = Path(tmp) / f"{method}-{gguf_type}.gguf"
                 start = time.time()
                 result = longctx.export(src, out, method, target_length=target, gguf_type=gguf_type, progress=False)
-                got = llama_cpp_logits(out, ids, n_ctx=target)
+                # llama.cpp picks longrope's factor set by its context size, transformers by the input's length: a
+                # context of the input's own size when it is within the trained length, as a user running it sees
+                n_ctx = target if len(ids) > trained else len(ids)
+                got = llama_cpp_logits(out, ids, n_ctx=n_ctx)
                 diff = np.abs(expected - got)
                 row = {"model": model_name, "method": method, "gguf_type": result.config["gguf_type"],
-                       "trained": trained, "target": target, "tokens": len(ids),
+                       "trained": trained, "target": target, "tokens": len(ids), "n_ctx": n_ctx,
                        "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
                        "max_abs_logit": float(np.abs(expected).max()),
                        "top1_agreement": float((expected.argmax(-1) == got.argmax(-1)).mean()),
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=2.0, help="target = trained length × factor (stories260K: "
                                                                    "at least tokens / 512)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--merge", action="store_true", help="replace the rows of --out that this run measures "
+                                                              "(same model, method, type and tokens), keep the rest")
     args = parser.parse_args()
     import llama_cpp
 
@@ -102,6 +107,13 @@ def main() -> None:
               "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": round(time.time() - start),
               "rows": rows}
+    if args.out and args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        key = lambda r: (r["model"], r["method"], r["gguf_type"], r["tokens"])  # noqa: E731
+        new = {key(r) for r in rows}
+        report["rows"] = [r for r in old["rows"] if key(r) not in new] + rows
+        report["command"] = old["command"] + " ; " + report["command"]
+        report["seconds"] += old.get("seconds", 0)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 

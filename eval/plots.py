@@ -30,23 +30,25 @@ STYLES = ("-", "--", "-.", ":")
 
 
 def heatmap(records: Sequence[dict], path: str | Path, *, title: str, trained_length: int | None = None,
-            value: str = "correct") -> Path:
-    """Mean of ``value`` per (length, depth) over ``records`` (dicts with ``length``, ``depth``, ``value``), shown in %
-    (cells and colour bar on the same 0-100 scale)."""
+            value: str = "correct", row: str = "depth", scale: float = 100.0, label: str = "accuracy (%)") -> Path:
+    """Mean of ``value`` per (length, ``row``) over ``records`` (dicts with ``length``, ``row``, ``value``), times
+    ``scale`` (cells and colour bar on the same 0-100 scale): by depth (passkey, needle) or by task (RULER, whose
+    scores are already 0-100: ``scale=1``)."""
     plt = _pyplot()
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
-        cells[(r["length"], round(float(r["depth"]), 3))].append(float(r[value]))
+        key = round(float(r[row]), 3) if row == "depth" else r[row]
+        cells[(r["length"], key)].append(float(r[value]))
     lengths = sorted({k[0] for k in cells})
-    depths = sorted({k[1] for k in cells})
-    grid = [[100 * sum(cells[(n, d)]) / len(cells[(n, d)]) if cells.get((n, d)) else float("nan") for n in lengths]
+    depths = list(dict.fromkeys(k[1] for k in cells)) if row != "depth" else sorted({k[1] for k in cells})
+    grid = [[scale * sum(cells[(n, d)]) / len(cells[(n, d)]) if cells.get((n, d)) else float("nan") for n in lengths]
             for d in depths]
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" if row == "depth" else str(d) for d in depths])
     ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("depth")
+    ax.set_ylabel(row)
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if v == v:
@@ -56,7 +58,7 @@ def heatmap(records: Sequence[dict], path: str | Path, *, title: str, trained_le
         if beyond and beyond[0] > 0:
             ax.axvline(beyond[0] - 0.5, color="black", linewidth=2, linestyle="--", label=f"trained {trained_length}")
             ax.legend(loc="upper left", bbox_to_anchor=(0, -0.35), fontsize=7, frameon=False)
-    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

@@ -596,3 +596,111 @@ def _generation_command(kind: str):
 
 eval_app.command("passkey")(_generation_command("passkey"))
 eval_app.command("needle")(_generation_command("needle"))
+
+
+@eval_app.command("ruler")
+def ruler_cmd(
+    model: Annotated[str, typer.Option(help="Decoder: a directory, a .gguf, or 'smollm2'.")] = "smollm2",
+    method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
+    compare: Annotated[Optional[str], typer.Option(help=COMPARE_HELP)] = None,
+    lengths: Annotated[str, typer.Option(help="Comma-separated lengths in tokens (input, answer prefix and the tokens "
+                                              "to generate; default: 0.5x, 1x, 1.5x, 2x the trained length).")] = "",
+    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 11 synthetic ones: "
+                                            "niah_single_1-3, niah_multikey_1-3, niah_multivalue, niah_multiquery, "
+                                            "vt, cwe, fwe).")] = "",
+    samples: Annotated[int, typer.Option(help="Samples per task and length (RULER's papers: 500).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed; sample i at length n draws from seed + 1000·n + i.")] = 0,
+    target_length: Annotated[Optional[int], typer.Option(help="Patch to this length (default: the longest "
+                                                              "evaluated length).")] = None,
+    haystack: HaystackOption = DEFAULT_TEXT,
+    batch_size: Annotated[int, typer.Option(help="Samples of one task generated together (left-padded).")] = 1,
+    out: OutOption = None,
+    plots: PlotsOption = True,
+    threads: ThreadsOption = 0,
+    param: ParamOption = None,
+    resume: Annotated[bool, typer.Option(help="Keep the samples already in OUT/trials.jsonl (each finished sample is "
+                                              "appended there), run only the missing ones and report them all.")]
+    = False,
+):
+    """RULER's synthetic tasks on a decoder, generated and scored as NVIDIA/RULER's scripts do (docs/evaluation.md
+    says where this differs): a table per method (task × length, the average, the effective length: the longest
+    length scoring at least 85.6 with every shorter one), JSON / CSV, heat maps."""
+    from longctx.eval.ruler import TASKS
+
+    methods = _methods(method, compare, []) or None
+    params = method_params(param, methods)
+    length_list = int_list(lengths, "--lengths", 64) if lengths else None
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(TASKS)
+    unknown = [t for t in task_list if t not in TASKS]
+    if unknown:
+        fail(f"--tasks: unknown {', '.join(unknown)}; the tasks: {', '.join(TASKS)}")
+    positive("--samples", samples, 1)
+    positive("--batch-size", batch_size, 1)
+    positive("--target-length", target_length, 2)
+    if resume and out is None:
+        fail("--resume continues the samples in OUT/trials.jsonl: give --out")
+    text_source(haystack, "--haystack")
+    model_spec(model)
+    check_out(out)
+    _threads(threads)
+
+    loaded = load_model(model)
+    if loaded.kind != "decoder":
+        fail(f"{model} is an embedding model: RULER is for decoders (longctx eval retrieval evaluates encoders)")
+    import longctx
+    from longctx.eval.ruler import ruler_grid, ruler_summary
+    from longctx.eval.runner import ResultsLog
+
+    start = time.time()
+    hf, tokenizer = loaded.model, loaded.tokenizer
+    trained = longctx.inspect(hf).trained_length
+    length_list = length_list or [trained // 2, trained, int(trained * 1.5), trained * 2]
+    methods = methods or [BASELINE_DECODER]
+    _params_used(params, methods)
+    log = ResultsLog.open(out / "trials.jsonl", resume) if out is not None else None
+    earlier = len([r for r in log.rows if r.get("task") == "ruler"]) if log is not None else 0
+    console.print(f"[bold]{model}[/]: trained length {trained}; RULER {len(task_list)} task(s); lengths "
+                  f"{length_list}; {samples} sample(s) per cell; methods {','.join(methods)}"
+                  + (f"; resuming with {earlier} sample(s) from {log.path}" if resume else ""))
+    try:
+        rows = ruler_grid(hf, tokenizer, methods, length_list, task_list, samples=samples, seed=seed,
+                          target_length=target_length, method_params=params, haystack=read_text(haystack),
+                          batch_size=batch_size, log=log)
+    except ValueError as e:  # a length a task cannot fit: before any generation
+        fail(" ".join(str(e).split()))
+    if log is not None:
+        rows = [r for r in log.rows if r.get("task") == "ruler"]
+    summary = ruler_summary(rows)
+    _ruler_tables(model, trained, summary)
+    console.print(f"done in {time.time() - start:.0f} s")
+    if out is None:
+        return
+    write_results(out, rows, {"task": "ruler", "model": model, "methods": list(dict.fromkeys(r["method"] for r in rows)),
+                              "lengths": sorted({r["length"] for r in rows}), "tasks": task_list, "samples": samples,
+                              "seed": seed, "summary": summary, "seconds": round(time.time() - start, 1)})
+    if plots_enabled(plots, out):
+        from longctx.eval.plots import heatmap
+
+        paths = [heatmap([r for r in rows if r["method"] == m], out / f"ruler_{m}_heatmap.png", value="score",
+                         row="subtask", scale=1.0, label="score", trained_length=trained,
+                         title=f"RULER — {m} — {_model_name(model)}")
+                 for m in dict.fromkeys(r["method"] for r in rows)]
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _ruler_tables(model: str, trained: int, summary: list[dict]) -> None:
+    """One table per method (and parameter set): tasks × lengths, the average, the effective length."""
+    from rich.table import Table
+
+    for method, params in dict.fromkeys((s["method"], s["params"]) for s in summary):
+        mine = [s for s in summary if s["method"] == method and s["params"] == params]
+        lengths = [s["length"] for s in mine]
+        table = Table(title=f"RULER — {method} — {model}, trained {trained}; effective length: "
+                            f"{mine[0]['effective_length'] or 'none (below 85.6 at the shortest)'}")
+        table.add_column("task")
+        for n in lengths:
+            table.add_column(str(n), justify="right")
+        for task in dict.fromkeys(t for s in mine for t in s["tasks"]):
+            table.add_row(task, *[f"{s['tasks'][task]:.1f}" if task in s["tasks"] else "" for s in mine])
+        table.add_row("average", *[f"{s['average']:.1f} ({s['samples']})" for s in mine])
+        console.print(table)
