@@ -72,24 +72,21 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     },
 }
 
+def _niah(haystack: str, key: str, value: str, k: int = 1, v: int = 1, q: int = 1) -> tuple[str, dict[str, Any]]:
+    return "niah", dict(type_haystack=haystack, type_needle_k=key, type_needle_v=value, num_needle_k=k,
+                        num_needle_v=v, num_needle_q=q)
+
+
 # scripts/synthetic.yaml
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {
-    "niah_single_1": ("niah", dict(type_haystack="noise", type_needle_k="words", type_needle_v="numbers",
-                                   num_needle_k=1, num_needle_v=1, num_needle_q=1)),
-    "niah_single_2": ("niah", dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers",
-                                   num_needle_k=1, num_needle_v=1, num_needle_q=1)),
-    "niah_single_3": ("niah", dict(type_haystack="essay", type_needle_k="words", type_needle_v="uuids",
-                                   num_needle_k=1, num_needle_v=1, num_needle_q=1)),
-    "niah_multikey_1": ("niah", dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers",
-                                     num_needle_k=4, num_needle_v=1, num_needle_q=1)),
-    "niah_multikey_2": ("niah", dict(type_haystack="needle", type_needle_k="words", type_needle_v="numbers",
-                                     num_needle_k=1, num_needle_v=1, num_needle_q=1)),
-    "niah_multikey_3": ("niah", dict(type_haystack="needle", type_needle_k="uuids", type_needle_v="uuids",
-                                     num_needle_k=1, num_needle_v=1, num_needle_q=1)),
-    "niah_multivalue": ("niah", dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers",
-                                     num_needle_k=1, num_needle_v=4, num_needle_q=1)),
-    "niah_multiquery": ("niah", dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers",
-                                     num_needle_k=1, num_needle_v=1, num_needle_q=4)),
+    "niah_single_1": _niah("noise", "words", "numbers"),
+    "niah_single_2": _niah("essay", "words", "numbers"),
+    "niah_single_3": _niah("essay", "words", "uuids"),
+    "niah_multikey_1": _niah("essay", "words", "numbers", k=4),
+    "niah_multikey_2": _niah("needle", "words", "numbers"),
+    "niah_multikey_3": _niah("needle", "uuids", "uuids"),
+    "niah_multivalue": _niah("essay", "words", "numbers", v=4),
+    "niah_multiquery": _niah("essay", "words", "numbers", q=4),
     "vt": ("variable_tracking", dict(type_haystack="noise", num_chains=1, num_hops=4)),
     "cwe": ("common_words_extraction", dict(freq_cw=30, freq_ucw=3, num_cw=10)),
     "fwe": ("freq_words_extraction", dict(alpha=2.0)),

@@ -46,16 +46,7 @@ def model_card(result: Any, is_st: bool = False) -> str:
                   "```python", "from llama_cpp import Llama", f"llm = Llama(model_path=\"PATH.gguf\", n_ctx={ctx})",
                   "```", "", "Ollama: a Modelfile with `FROM ./PATH.gguf` and "
                   f"`PARAMETER num_ctx {ctx}`.", ""]
-        if result.notes:
-            lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
-        if result.verify:
-            v = result.verify
-            lines += ["## Verification (`--verify`)", "",
-                      f"- llama.cpp (llama-cpp-python) on the written file vs the patched model in memory, {v['tokens']} "
-                      f"random tokens: max |Δ logit| = {v['max_abs_diff']:.3g} (logits up to {v['max_abs_output']:.3g}), "
-                      f"top-1 agreement {v['top1_agreement']:.1%}", ""]
-        return "\n".join(lines)
-    if result.form == "config" and not is_st:
+    elif result.form == "config" and not is_st:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
                   "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```", "",
@@ -67,15 +58,19 @@ def model_card(result: Any, is_st: bool = False) -> str:
     if is_st:
         lines += ["```python", "import longctx  # or: from sentence_transformers import SentenceTransformer",
                   "model = longctx.load(\"PATH\")", "```", ""]
-    lines += ["```python", "import longctx", "model = longctx.load(\"PATH\")  # the extension active, whatever the form",
-              "```", ""]
+    if result.form != "gguf":
+        lines += ["```python", "import longctx",
+                  "model = longctx.load(\"PATH\")  # the extension active, whatever the form", "```", ""]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     if result.verify:
         v = result.verify
+        what = ("llama.cpp (llama-cpp-python) on the written file" if result.form == "gguf"
+                else "reloaded export")
+        top1 = f", top-1 agreement {v['top1_agreement']:.1%}" if "top1_agreement" in v else ""
         lines += ["## Verification (`--verify`)", "",
-                  f"- reloaded export vs patched model in memory, {v['tokens']} random tokens: max |Δ| = "
-                  f"{v['max_abs_diff']:.3g} (outputs up to {v['max_abs_output']:.3g})", ""]
+                  f"- {what} vs patched model in memory, {v['tokens']} random tokens: max |Δ| = "
+                  f"{v['max_abs_diff']:.3g} (outputs up to {v['max_abs_output']:.3g}){top1}", ""]
     for report in result.checks.values():
         lines += [f"## {report['title']}", ""] + list(report["lines"]) + [""]
     return "\n".join(lines)
