@@ -65,20 +65,23 @@ def venv_python(release: str, cache: Path = CACHE, log=lambda m: print(m, file=s
     site-packages. (``venv --system-site-packages`` would expose the *base* interpreter's instead, which has no torch
     when this one is itself a virtualenv.) A kept virtualenv is reused only if it was made for this environment and
     still imports torch and the release; otherwise it is made again."""
+    import site
     import sysconfig
 
     folder = cache / f"transformers-{release}"
     python = folder / "bin" / "python"
-    parent = sysconfig.get_paths()["purelib"]
+    # this environment's site-packages, and the ones it sees itself (a virtualenv made with
+    # --system-site-packages finds torch in its base interpreter's)
+    parent = "\n".join(dict.fromkeys([sysconfig.get_paths()["purelib"], *site.getsitepackages()]))
     stamp = f"{release}\n{parent}\n"
     ready = folder / ".ready"
     if python.exists() and ready.exists() and ready.read_text() == stamp and _imports(python, release):
         return python
     log(f"  making a virtualenv for transformers {release} in {folder} ...")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "_longctx_parent_env.pth").write_text(parent + "\n")
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "_longctx_parent_env.pth").write_text(parent + "\n")
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                            f"transformers=={release}"], capture_output=True, text=True)
     if done.returncode != 0:
