@@ -83,7 +83,7 @@ def apply(model: nn.Module, cfg: DCAConfig, undo: Undo) -> Applied:
                            {"chunk_size": s, "local_window": w, "mscale": cfg.mscale}, note)
 
 
-def vllm_config(params: dict[str, Any]) -> dict[str, Any]:
+def engine_config(params: dict[str, Any]) -> dict[str, Any]:
     """The ``dual_chunk_attention_config`` SGLang's dual-chunk backend reads (and vLLM ≤ 0.10's did; see
     :func:`engines` and docs/methods/dca.md for how its semantics compare), and ``max_position_embeddings`` = the
     target so the engine serves that length."""
@@ -130,6 +130,6 @@ METHOD = register(Method(
     NAME, "rope_attention", DESCRIPTION, DCAConfig, apply, export_form="longctx", aliases=("dual_chunk",
                                                                                             "chunkllama"),
     bounded=False, tune=tune,
-    decoders_only=True, config_keys=vllm_config, engines=engines,
+    decoders_only=True, config_keys=engine_config, engines=engines,
     examples=lambda L: [{"target_length": 4 * L}, {"chunk_size": L // 2, "local_window": L // 8, "mscale": False}],
 ))

@@ -48,7 +48,7 @@ class Method:
             ``f(rope_parameters) -> (base rope parameters, patch parameters)``, so those saves still load.
         decoders_only: the method is defined for causal attention only (``applies_to`` says no for encoders).
         config_keys: ``config_keys(record params) -> {key: value}``: config.json keys the method writes beside its
-            ``longctx`` block (while patched and in exports), e.g. vLLM's ``dual_chunk_attention_config``.
+            ``longctx`` block (while patched and in exports), e.g. the ``dual_chunk_attention_config`` SGLang serves.
         compare_by_default: run in the evaluations' default comparison (beside the model as it is) on the models it
             applies to.
         examples: ``examples(trained_length) -> [params, …]``: typical patches of a model trained at that length,
