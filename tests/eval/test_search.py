@@ -163,3 +163,18 @@ def test_search_command_tunes_an_attention_method(stories_path, tmp_path, text):
     found = json.loads((tmp_path / "out" / "search.json").read_text())
     assert found["method"] == "rerope" and len(found["rows"]) == 3
     assert f'longctx.patch(model, "rerope", **{json.dumps(found["params"])})' in result.output
+
+
+def test_search_exports_its_winner_as_gguf(stories_path, tmp_path, text):
+    """``--export OUT.gguf``: the winner in llama.cpp's longrope keys and factor tensors."""
+    gguf = pytest.importorskip("gguf")
+    text_file = tmp_path / "search.txt"
+    text_file.write_text(text)
+    out = tmp_path / "winner.gguf"
+    result = runner.invoke(app, ["search", str(stories_path), "--target-length", "1024", "--text", str(text_file),
+                                 "--max-trials", "2", "--windows", "1", "--export", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "gguf form" in result.output
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["llama.rope.scaling.type"].contents() == "longrope"
+    assert {t.name for t in reader.tensors} >= {"rope_factors_long.weight", "rope_factors_short.weight"}
