@@ -178,7 +178,7 @@ def export(
                 context = next(v for k, v in set_keys.items() if k.endswith(".context_length"))
                 result.verify = verify_gguf(opened.model, partial, info.trained_length or 0, context,
                                             extended=context > (info.trained_length or 0),
-                                            exact=set_keys["gguf_type"] == "f32")
+                                            exact=set_keys["gguf_type"] == "f32", tokenizer=opened.tokenizer)
             os.replace(partial, out)
             out.with_name(out.name + ".md").write_text(model_card(result))
         else:

@@ -69,7 +69,7 @@ def model_card(result: Any, is_st: bool = False) -> str:
                 else "reloaded export")
         top1 = f", top-1 agreement {v['top1_agreement']:.1%}" if "top1_agreement" in v else ""
         lines += ["## Verification (`--verify`)", "",
-                  f"- {what} vs patched model in memory, {v['tokens']} random tokens: max |Δ| = "
+                  f"- {what} vs patched model in memory, {v['tokens']} tokens ({v.get('text', 'random')}): max |Δ| = "
                   f"{v['max_abs_diff']:.3g} (outputs up to {v['max_abs_output']:.3g}){top1}", ""]
     for report in result.checks.values():
         lines += [f"## {report['title']}", ""] + list(report["lines"]) + [""]

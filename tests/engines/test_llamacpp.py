@@ -62,6 +62,7 @@ def test_verify_runs_llama_cpp(stories_path, tmp_path):
     result = longctx.export(stories_path, tmp_path / "y.gguf", "yarn", target_length=2048, gguf_type="f32",
                             verify=True, progress=False)
     assert result.verify["top1_agreement"] == 1.0 and result.verify["max_abs_diff"] < 0.01
+    assert result.verify["text"] == "the bundled text (Emma)"  # the tokenizer came with the directory
     assert "llama.cpp (llama-cpp-python)" in (tmp_path / "y.gguf.md").read_text()
 
 
