@@ -26,7 +26,7 @@ import torch
 
 from longctx.patches.portable import GGUFRope, NotStandard
 
-__all__ = ["GGUF_TYPES", "HF_ARCHS", "write_gguf_export", "write_gguf", "verify_gguf", "read_gguf_kv", "rope_inputs",
+__all__ = ["GGUF_TYPES", "HF_ARCHS", "write_gguf_export", "write_gguf", "verify_gguf", "rope_inputs",
            "llama_cpp_logits"]
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -44,17 +44,6 @@ def _gguf() -> Any:
     except ImportError:
         raise ImportError("a GGUF export needs the gguf package: pip install gguf") from None
     return gguf
-
-
-def read_gguf_kv(path: str | Path) -> dict[str, Any]:
-    """Every key of a GGUF file with its value (arrays as lists; token lists left out): for tests and the card."""
-    reader = _gguf().GGUFReader(str(path))
-    out = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name.startswith("tokenizer.ggml."):
-            continue
-        out[name] = field.contents()
-    return out
 
 
 def _qtype(name: str) -> Any:
