@@ -3,13 +3,22 @@
 :func:`recommend` patches the model with every method that applies to it — each variant the method declares
 (``Method.examples``, retargeted to the length asked for) — and measures, at the target length N:
 
-* decoders: perplexity on one window of N tokens of a text (the bundled *Emma* by default) and passkey retrieval
-  by generation at three depths; ranked by passkey accuracy, then perplexity;
+* decoders: perplexity on one window of N tokens of a text (the bundled *Emma* by default), passkey retrieval
+  by generation at three depths and — when the budget allows — a RULER subset at N (:data:`RULER_SUBSET`, one
+  sample per task, the same inputs for every candidate); ranked by the RULER average, then passkey accuracy, then
+  perplexity (without RULER: passkey, then perplexity);
 * embedding models: LongEmbed's synthetic passkey and needle retrieval at N (``docs`` documents each); ranked by
   their mean top-1 accuracy, then passkey.
 
 The model as it is (``vanilla`` / ``truncate``) is measured first, as the reference. A time budget bounds the run:
 once the next candidate would pass it (estimated from the slowest one so far), the rest are listed as not measured.
+
+**RULER's place** (``ruler=None``, the default): decided once, on the reference, so every candidate is ranked on the
+same evidence — RULER is measured on the reference when perplexity and passkey leave room for it, and kept for
+the candidates only if the reference's full time × the candidates still fits the ranking's share of the budget;
+otherwise the ranking is passkey and perplexity alone and ``measured["ruler"]`` says why (the choice depends on the
+machine's speed, and says so). ``ruler=True`` always measures it (the budget then bounds the candidates as usual),
+``ruler=False`` never. Subset tasks whose RULER input cannot fit N tokens of the tokenizer are left out (named).
 
 **Tuning** (decoders): with the budget left after the ranking (which stops at 60 % of it), the ``tune`` best-ranked methods that declare a search
 space (``Method.tune``: SelfExtend's G and W, DCA's chunk and window, ReRoPE's window, STRING's S and W, LongRoPE's
@@ -27,9 +36,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Recommendation", "candidates", "recommend", "auto_patch", "NoImprovement"]
+__all__ = ["Recommendation", "candidates", "recommend", "auto_patch", "NoImprovement", "RULER_SUBSET"]
 
 TUNING_SHARE = 0.4  # of the budget kept for tuning (decoders, tune > 0): the ranking stops at the rest
+# one RULER task per kind: a needle in an essay, needles among distractors, several values, multi-hop tracing,
+# aggregation (RULER's QA tasks need data not available offline)
+RULER_SUBSET = ("niah_single_2", "niah_multikey_1", "niah_multivalue", "vt", "fwe")
 
 
 @dataclass
@@ -95,6 +107,28 @@ def _decoder_evidence(model: Any, tokenizer: Any, ids: Any, n: int, depths: list
     return {"ppl": ppl.ppl, "passkey": sum(t.correct for t in trials) / len(trials)}
 
 
+def _ruler_evidence(model: Any, tokenizer: Any, samples: list[Any]) -> dict[str, Any]:
+    """RULER's scores of ``samples`` as fractions: ``ruler`` (their mean) and ``ruler_tasks`` (one per task)."""
+    from .ruler import run_samples
+
+    scores = {s.task: v / 100 for s, v in zip(samples, run_samples(model, tokenizer, samples))}
+    return {"ruler": sum(scores.values()) / len(scores), "ruler_tasks": scores}
+
+
+def _ruler_samples(tokenizer: Any, n: int) -> tuple[list[Any], list[str]]:
+    """One input of each :data:`RULER_SUBSET` task at ``n`` tokens (RULER's seed for sample 0 at n), and the tasks
+    whose input cannot fit ``n`` tokens of this tokenizer, each with why."""
+    from .ruler import ruler_sample, sample_seed
+
+    samples, unfit = [], []
+    for task in RULER_SUBSET:
+        try:
+            samples.append(ruler_sample(task, n, tokenizer, sample_seed(0, n, 0)))
+        except ValueError as e:
+            unfit.append(str(e))
+    return samples, unfit
+
+
 def _encoder_evidence(embedder: Any, tasks: list[Any]) -> dict[str, Any]:
     from .retrieval import evaluate
 
@@ -104,16 +138,18 @@ def _encoder_evidence(embedder: Any, tasks: list[Any]) -> dict[str, Any]:
 
 def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: str | None = None,
               budget_s: float = 600.0, docs: int = 8, methods: list[str] | None = None,
-              log: Any = None, tune: int = 2, tune_trials: int | None = None) -> Recommendation:
+              log: Any = None, tune: int = 2, tune_trials: int | None = None,
+              ruler: bool | None = None) -> Recommendation:
     """Measure every candidate (:func:`candidates`, or only ``methods``) at ``target_length`` and rank them.
 
     ``text``: the decoder's perplexity text (default: the bundled *Emma*); ``budget_s``: seconds the sweep may take
     (the reference and the first candidate always run); ``docs``: documents per synthetic retrieval task (encoders);
     ``log(line)``: called with one line per finished candidate; ``tune``: how many of the best-ranked methods with a
     search space are tuned with the budget left (decoders; 0: rank only); ``tune_trials``: at most this many candidates
-    per tuned method (seeds included; default: as many as its share of the budget allows). A patched model is measured without its patch (the
-    reference is the model as trained), which comes back afterwards. Bad arguments raise ``ValueError`` before any
-    measurement.
+    per tuned method (seeds included; default: as many as its share of the budget allows); ``ruler`` (decoders): the
+    RULER subset in the evidence — ``None`` when the budget allows (module docstring), ``True`` always, ``False``
+    never. A patched model is measured without its patch (the reference is the model as trained), which comes back
+    afterwards. Bad arguments raise ``ValueError`` before any measurement.
     """
     from longctx.api import unpatched
     from longctx.patches import registry
@@ -130,17 +166,19 @@ def recommend(model: Any, target_length: int, *, tokenizer: Any = None, text: st
     if tune_trials is not None and (isinstance(tune_trials, bool) or not isinstance(tune_trials, int)
                                     or tune_trials < 1):
         raise ValueError(f"tune_trials must be an integer >= 1 (candidates per tuned method), got {tune_trials!r}")
+    if ruler not in (None, True, False):
+        raise ValueError(f"ruler must be None (when the budget allows), True or False, got {ruler!r}")
     unknown = [m for m in methods or [] if m not in registry]
     if unknown:
         raise ValueError(f"methods: unknown method(s) {unknown}; available: {', '.join(registry)}")
     with unpatched(model):  # measured from the model as it was trained; a patch it had comes back afterwards
         return _recommend(model, target_length, tokenizer, text, budget_s, docs, methods, log, start,
-                          (tune, tune_trials))
+                          (tune, tune_trials), ruler)
 
 
 def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None, budget_s: float, docs: int,
-               methods: list[str] | None, log: Any, start: float, tuning_plan: tuple[int, int | None]
-               ) -> Recommendation:
+               methods: list[str] | None, log: Any, start: float, tuning_plan: tuple[int, int | None],
+               ruler: bool | None) -> Recommendation:
     import longctx
     from longctx.models import unwrap
     from longctx.patches import get_method, registry
@@ -169,6 +207,9 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
                          + "".join(f"; {s['method']}: {s['why']}" for s in skipped))
     log = log or (lambda line: None)
     depths = [0.25, 0.5, 0.75]
+    ranking_s = budget_s * (1 - TUNING_SHARE) if tune and info.kind == "decoder" else budget_s
+    if ruler and info.kind != "decoder":
+        raise ValueError("ruler=True: RULER measures decoders (generation); an embedding model is ranked by retrieval")
     if info.kind == "decoder":
         from .perplexity import token_ids
 
@@ -186,11 +227,47 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
                                   f"one window of {n} tokens)")
         reference = "vanilla"
 
+        plan: dict[str, Any] = {"on": False, "samples": None}
+        if ruler:  # asked for: its inputs built (and refused) before any measurement
+            plan["samples"] = _ruler_samples(tokenizer, n)
+            if not plan["samples"][0]:
+                raise ValueError(f"ruler=True: no task of the RULER subset fits {n} tokens of this tokenizer ("
+                                 + "; ".join(plan["samples"][1]) + ")")
+
         def evidence(applied: Any) -> dict[str, Any]:
-            return _decoder_evidence(unwrap(model), tokenizer, ids, n, depths)
+            found = _decoder_evidence(unwrap(model), tokenizer, ids, n, depths)
+            if plan["on"]:
+                found.update(_ruler_evidence(unwrap(model), tokenizer, plan["samples"][0]))
+            return found
 
         def order(row: dict) -> tuple:
-            return (-row["passkey"], row["ppl"])
+            return (-row["ruler"], -row["passkey"], row["ppl"]) if plan["on"] else (-row["passkey"], row["ppl"])
+
+        def add_ruler(row: dict) -> None:
+            """RULER's place in the evidence, decided on the reference ``row`` (module docstring)."""
+            base, count = row["seconds"], len(todo)
+            if ruler is None and base * (1 + count) > ranking_s - (time.perf_counter() - start):
+                measured["ruler"] = (f"left out by the budget: perplexity and passkey alone took {base:.0f} s on "
+                                     f"the reference, no room for more per candidate ({count} candidates)")
+                return
+            samples, unfit = plan["samples"] or _ruler_samples(tokenizer, n)
+            if not samples:
+                measured["ruler"] = "left out: no task of the subset fits N tokens (" + "; ".join(unfit) + ")"
+                return
+            t0 = time.perf_counter()
+            found = _ruler_evidence(unwrap(model), tokenizer, samples)
+            row["seconds"] += time.perf_counter() - t0
+            room = ranking_s - (time.perf_counter() - start)
+            if ruler is None and row["seconds"] * count > room:
+                measured["ruler"] = (f"left out by the budget: on the reference it took {row['seconds'] - base:.0f} s "
+                                     f"(average {found['ruler']:.2f}); with it {count} candidates need about "
+                                     f"{row['seconds'] * count:.0f} s, the ranking's share has {room:.0f} s left")
+                return
+            row.update(found)
+            plan.update(on=True, samples=(samples, unfit))
+            measured["ruler"] = (f"RULER {', '.join(s.task for s in samples)} at {n} tokens, one sample each, "
+                                 "RULER's scores / 100" + (f"; left out: {'; '.join(unfit)}" if unfit else ""))
+            measured["rank_by"] = "RULER average, then passkey accuracy, then perplexity"
     else:
         from .retrieval import Embedder
         from .synthetic import needle_task, passkey_task
@@ -200,6 +277,7 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
         measured = {"retrieval": f"LongEmbed passkey and needle at {n} tokens, {docs} documents each (top-1 = "
                     "nDCG@1)", "rank_by": "mean top-1 accuracy, then passkey"}
         reference = "truncate"
+        add_ruler = None  # RULER measures decoders
         limit = getattr(model, "max_seq_length", None)
 
         def evidence(applied: Any) -> dict[str, Any]:
@@ -224,8 +302,9 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
     finally:
         if reference == "truncate" and limit is not None:
             model.max_seq_length = limit
+    if add_ruler is not None and ruler is not False:
+        add_ruler(rows[0])
     log(_line(rows[-1]))
-    ranking_s = budget_s * (1 - TUNING_SHARE) if tune and info.kind == "decoder" else budget_s
     for method, params in todo:
         spent = time.perf_counter() - start
         if rows[1:] and spent + slowest > ranking_s:

@@ -37,7 +37,7 @@ from functools import lru_cache
 from typing import Any
 
 __all__ = ["TEMPLATES", "TASKS", "RulerSample", "ruler_sample", "score", "string_match_all", "string_match_part",
-           "postprocess_pred", "EFFECTIVE_THRESHOLD", "effective_length"]
+           "postprocess_pred", "EFFECTIVE_THRESHOLD", "effective_length", "run_samples"]
 
 # scripts/data/synthetic/constants.py: template, answer prefix, tokens to generate
 TEMPLATES: dict[str, dict[str, Any]] = {
@@ -447,6 +447,12 @@ def sample_seed(seed: int, length: int, index: int) -> int:
     """The seed of sample ``index`` at ``length``: ``seed + 1000·length + index`` (a sample does not depend on which
     others run, so a grid can be resumed, split or extended with more samples)."""
     return seed + 1000 * length + index
+
+
+def run_samples(model: Any, tokenizer: Any, samples: list[RulerSample]) -> list[float]:
+    """Each sample generated greedily (one at a time) and scored by its task's RULER metric (0–100)."""
+    return [score(s.task, _generate(model, tokenizer, [s.prompt], s.tokens_to_generate)[0], s.outputs)
+            for s in samples]
 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -28,11 +28,14 @@ def recommend_cmd(
     tune: Annotated[int, typer.Option(help="Decoder: tune the N best-ranked methods that have a search space "
                                            "(SelfExtend, DCA, ReRoPE, STRING, LongRoPE) with the budget left after "
                                            "the ranking; 0: rank only.")] = 2,
+    ruler: Annotated[Optional[bool], typer.Option(
+        "--ruler/--no-ruler", help="Decoder: rank by a RULER subset too (5 tasks at N, one sample each) — by default "
+                                   "when the budget allows it for every candidate, decided on the reference.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write recommendation.json here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the recommendation as JSON.")] = False,
 ):
-    """Measure every method that applies to MODEL at the target length — perplexity and passkey for a decoder,
-    LongEmbed passkey and needle retrieval for an embedding model — and print the ranked table with its evidence,
+    """Measure every method that applies to MODEL at the target length — perplexity, passkey and (when the budget
+    allows) a RULER subset for a decoder, LongEmbed passkey and needle retrieval for an embedding model — and print the ranked table with its evidence,
     the line that applies the winner and its export command."""
     model_spec(model)
     positive("--target-length", target_length, 2)
@@ -52,7 +55,7 @@ def recommend_cmd(
     try:
         found = recommend(loaded.model, target_length, tokenizer=loaded.tokenizer,
                           text=read_text(text) if loaded.kind == "decoder" else None, budget_s=budget, docs=docs,
-                          methods=methods, log=lambda line: typer.echo(f"  {line}"), tune=tune)
+                          methods=methods, log=lambda line: typer.echo(f"  {line}"), tune=tune, ruler=ruler)
     except ValueError as e:
         fail(str(e))
     data = {**found.to_dict(), "model": model, "patch": found.patch_line() if found.improves else None,
@@ -83,7 +86,7 @@ def _table(found, model: str) -> None:
         table.add_column(col, justify="left" if col in ("method", "parameters") else "right")
     for row in found.rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "target_length")
-        values = [f"{100 * row[k]:.0f} %" if k in ("passkey", "retrieval") or k.startswith(("passkey", "needle"))
+        values = [f"{100 * row[k]:.0f} %" if k in ("passkey", "retrieval", "ruler") or k.startswith(("passkey", "needle"))
                   else f"{row[k]:.2f}" for k in metrics]
         name = row["method"] + (" (tuned)" if row.get("tuned") else "")
         table.add_row(str(row["rank"] or "ref"), name, params, *values, f"{row['seconds']:.0f}")

@@ -43,8 +43,11 @@ def test_recommend_ranks_by_the_evidence_and_auto_applies_the_winner(stories, ti
     found = recommend(model, 1024, tokenizer=tok, text=tinystories_text, methods=["pi", "yarn", "ntk"])
     ranked = [r for r in found.rows if r["rank"] is not None]
     assert [r["rank"] for r in ranked] == [1, 2, 3] and found.rows[-1]["method"] == "vanilla"
-    keys = [(-r["passkey"], r["ppl"]) for r in ranked]
-    assert keys == sorted(keys)  # passkey accuracy first, then perplexity
+    # the budget allowed RULER (decided on the reference): the subset's tasks that fit 1024 tokens of stories260K
+    assert found.measured["ruler"].startswith("RULER fwe at 1024 tokens, one sample each")
+    assert "niah_single_2: no input fits 1024 tokens" in found.measured["ruler"]
+    keys = [(-r["ruler"], -r["passkey"], r["ppl"]) for r in ranked]
+    assert keys == sorted(keys)  # RULER first, then passkey accuracy, then perplexity
     assert found.measured["perplexity"] == "one window of 1024 tokens" and not longctx.is_patched(model)
     winner = found.winner
     assert found.patch_line().startswith(f'longctx.patch(model, "{winner["method"]}"')
@@ -67,6 +70,43 @@ def test_the_budget_bounds_the_sweep_and_says_what_it_left_out(stories, tinystor
     assert len(found.rows) == 2  # the reference and the first candidate always run
     assert [s["method"] for s in found.not_measured] == ["ntk", "yarn"]
     assert all("budget" in s["why"] for s in found.not_measured)
+    # no room for RULER: left out for every candidate, said, and the ranking is passkey then perplexity
+    assert found.measured["ruler"].startswith("left out by the budget: perplexity and passkey alone took")
+    assert found.measured["rank_by"] == "passkey accuracy, then perplexity"
+    assert not any("ruler" in r for r in found.rows)
+
+
+def test_ruler_in_the_evidence_scores_the_same_inputs_for_every_candidate(stories, tinystories_text):
+    """ruler=True: the subset's tasks that fit N, one input each (RULER's seed for sample 0 at N), the same for the
+    reference and every candidate; each row's scores are RULER's metric on the patched model's greedy answer."""
+    from longctx.eval.ruler import ruler_sample, run_samples, sample_seed
+
+    model, tok = stories.model, stories.tokenizer
+    found = recommend(model, 2048, tokenizer=tok, text=tinystories_text, methods=["yarn"], tune=0, ruler=True)
+    tasks = ["niah_single_2", "vt", "fwe"]  # niah_multikey_1 and niah_multivalue need > 2048 stories260K tokens
+    assert found.measured["ruler"].startswith(f"RULER {', '.join(tasks)} at 2048 tokens")
+    assert "niah_multikey_1: no input fits 2048 tokens (the smallest is" in found.measured["ruler"]
+    assert found.measured["rank_by"] == "RULER average, then passkey accuracy, then perplexity"
+    for row in found.rows:
+        assert list(row["ruler_tasks"]) == tasks and all(0 <= v <= 1 for v in row["ruler_tasks"].values())
+        assert row["ruler"] == pytest.approx(sum(row["ruler_tasks"].values()) / 3)
+    samples = [ruler_sample(t, 2048, tok, sample_seed(0, 2048, 0)) for t in tasks]
+    with longctx.patched(model, "yarn", **found.winner["params"]):
+        again = run_samples(model, tok, samples)
+    assert [v / 100 for v in again] == pytest.approx(list(found.winner["ruler_tasks"].values()))
+
+
+def test_ruler_asked_for_where_it_cannot_run_is_refused_before_any_work(stories, tinystories_text, monkeypatch):
+    import longctx.eval.recommend as rec
+
+    monkeypatch.setattr(rec, "RULER_SUBSET", ("vt",))  # vt needs more than 1024 stories260K tokens
+    with pytest.raises(ValueError, match=r"ruler=True: no task of the RULER subset fits 1024 tokens .*vt: no input "
+                                         r"fits 1024 tokens \(the smallest is \d+\)"):
+        recommend(stories.model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, ruler=True)
+    found = recommend(stories.model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["pi"],
+                      tune=0)  # when the budget allows, but nothing fits: left out, said
+    assert found.measured["ruler"].startswith("left out: no task of the subset fits N tokens (vt: no input fits")
+    assert not longctx.is_patched(stories.model)
 
 
 def test_a_variant_that_cannot_reach_n_is_listed_not_run(stories, tinystories_text):
@@ -84,6 +124,9 @@ def test_recommend_on_an_embedding_model(tmp_path):
     assert {"passkey", "needle", "retrieval"} <= set(found.winner)
     keys = [(-r["retrieval"], -r["passkey"]) for r in found.rows if r["rank"]]
     assert keys == sorted(keys) and st.max_seq_length == TRAINED  # the model left as found
+    assert "ruler" not in found.measured
+    with pytest.raises(ValueError, match="ruler=True: RULER measures decoders"):
+        recommend(st, 2 * TRAINED, docs=3, methods=["grouped"], ruler=True)
 
 
 def test_recommend_command_answers_bad_input_before_any_work(stories_path, tmp_path):
@@ -103,6 +146,11 @@ def test_recommend_command_prints_the_table_and_the_winner(stories_path, tmp_pat
     saved = json.loads((tmp_path / "recommendation.json").read_text())
     assert saved["patch"] in result.output and saved["export"] in result.output
     assert "longctx recommend — stories260K at 1024 tokens" in " ".join(result.output.split())
+    assert saved["measured"]["ruler"].startswith("RULER fwe at 1024 tokens") and "ruler" in saved["winner"]
+    off = runner.invoke(app, ["recommend", str(stories_path), "--target-length", "1024", "--compare", "pi",
+                              "--text", str(text), "--tune", "0", "--no-ruler", "--json"])
+    assert off.exit_code == 0, off.output
+    assert "ruler" not in json.loads(off.output[off.output.index("{"):])["measured"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -111,6 +159,8 @@ def test_recommend_command_prints_the_table_and_the_winner(stories_path, tmp_pat
     ({"target_length": 256}, r"target_length \(256\) must be longer than the trained length \(512\)"),
     ({"target_length": 1024, "budget_s": -1}, "budget_s must be a number of seconds > 0, got -1"),
     ({"target_length": 1024, "methods": ["yarnn"]}, r"unknown method\(s\) \['yarnn'\]; available: pi, ntk"),
+    ({"target_length": 1024, "ruler": "yes"},
+     "ruler must be None \\(when the budget allows\\), True or False, got 'yes'"),
 ])
 def test_auto_refuses_bad_arguments_before_any_work_and_keeps_the_earlier_patch(stories, kwargs, message):
     model = stories.model
@@ -126,10 +176,11 @@ def test_auto_refuses_bad_arguments_before_any_work_and_keeps_the_earlier_patch(
 
 def test_a_patched_model_is_measured_as_trained_and_keeps_its_patch(stories, tinystories_text):
     model = stories.model
-    plain = recommend(model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["yarn"])
+    plain = recommend(model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["yarn"], ruler=False)
     longctx.patch(model, "pi", factor=2)
     try:
-        found = recommend(model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["yarn"])
+        found = recommend(model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["yarn"],
+                          ruler=False)
         assert [r["ppl"] for r in found.rows] == [r["ppl"] for r in plain.rows]  # the vanilla reference too
         assert longctx.patch_info(model).method == "pi"
     finally:
@@ -141,13 +192,14 @@ def test_auto_never_applies_a_method_measured_worse_than_the_model_as_it_is(stor
     and says so (it applied it before); recommend marks that no candidate improves."""
     from longctx.eval.recommend import NoImprovement
 
-    found = recommend(stories.model, 2 * 512, tokenizer=stories.tokenizer, text=tinystories_text, methods=["pi"])
+    found = recommend(stories.model, 2 * 512, tokenizer=stories.tokenizer, text=tinystories_text, methods=["pi"],
+                      ruler=False)
     reference = next(r for r in found.rows if r["rank"] is None)
     assert found.winner["ppl"] > reference["ppl"] and not found.improves
     assert found.winner["beats_reference"] is False
     with pytest.raises(NoImprovement, match="no candidate measured better than the model as it is") as caught:
         longctx.patch(stories.model, "auto", target_length=2 * 512, tokenizer=stories.tokenizer,
-                      text=tinystories_text, methods=["pi"])
+                      text=tinystories_text, methods=["pi"], ruler=False)
     assert not longctx.is_patched(stories.model)
     assert caught.value.recommendation.rows[0]["method"] == "pi"
 
@@ -160,7 +212,8 @@ def test_recommend_tunes_the_best_ranked_methods_apart_from_the_evidence_window(
 
     model, tok = stories.model, stories.tokenizer
     found = recommend(model, 2048, tokenizer=tok, text=tinystories_text, methods=["rerope", "selfextend", "pi"],
-                      tune_trials=6)
+                      tune_trials=6, ruler=False)
+    assert "ruler" not in found.measured
     assert "second window of 2048 tokens" in found.measured["tuning"]
     assert {t["method"] for t in found.tuning} == {"rerope", "selfextend"}  # pi has no search space
     for t in found.tuning:
