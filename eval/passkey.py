@@ -19,7 +19,7 @@ import torch
 from .progress import progress as show
 
 __all__ = ["PasskeyTrial", "passkey_prompt", "passkey_trial", "passkey_grid", "parse_answer", "generate_trial",
-           "cell_seed", "run_grid"]
+           "greedy", "cell_seed", "run_grid"]
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -67,15 +67,26 @@ def parse_answer(text: str) -> str:
 
 
 @torch.no_grad()
+def greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[tuple[str, int]]:
+    """Greedy continuations of ``prompts`` (left-padded into one batch when there are several), each with its
+    prompt's number of tokens: the decoders' generation for passkey, needle and RULER."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(p).input_ids for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left padding
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+    return [(tokenizer.decode(row[width:], skip_special_tokens=True), len(r)) for row, r in zip(out, rows)]
+
+
 def generate_trial(model: Any, tokenizer: Any, prompt: str, length: int, depth: float, key: str) -> PasskeyTrial:
     """Greedy generation after ``prompt``; the first run of digits is the answer, correct when it equals ``key``."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(key) + 4, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    answer = parse_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return PasskeyTrial(length, ids.shape[1], depth, key, answer, answer == key)
+    ((text, tokens),) = greedy(model, tokenizer, [prompt], len(key) + 4)
+    answer = parse_answer(text)
+    return PasskeyTrial(length, tokens, depth, key, answer, answer == key)
 
 
 def passkey_trial(model: Any, tokenizer: Any, length: int, depth: float, key: str) -> PasskeyTrial:

@@ -451,24 +451,10 @@ def sample_seed(seed: int, length: int, index: int) -> int:
 
 def run_samples(model: Any, tokenizer: Any, samples: list[RulerSample]) -> list[float]:
     """Each sample generated greedily (one at a time) and scored by its task's RULER metric (0–100)."""
-    return [score(s.task, _generate(model, tokenizer, [s.prompt], s.tokens_to_generate)[0], s.outputs)
+    from .passkey import greedy
+
+    return [score(s.task, greedy(model, tokenizer, [s.prompt], s.tokens_to_generate)[0][0], s.outputs)
             for s in samples]
-
-
-def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded into one batch when there are several)."""
-    import torch
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [tokenizer(p).input_ids for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left padding
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
-    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
 
 def ruler_grid(
@@ -492,6 +478,7 @@ def ruler_grid(
     length). Rows: ``{"task": "ruler", "subtask", "method", "length", "index", "seed", "score", "pred",
     "outputs", "tokens", "params"}``; rows already in ``log`` (a resumed run) are kept and not run again; new rows are
     appended to it as each finishes. Samples of one (task, length) run ``batch_size`` at a time."""
+    from .passkey import greedy
     from .progress import progress as show
     from .runner import Cell, sweep
 
@@ -522,7 +509,8 @@ def ruler_grid(
         for group in show(groups, desc=f"ruler {cell.method}@{cell.length}", enabled=progress,
                           unit="batch" if batch_size > 1 else "sample"):
             items = [inputs(t, cell.length, i) for t, i in group]
-            preds = _generate(model, tokenizer, [s.prompt for s in items], items[0].tokens_to_generate)
+            preds = [text for text, _ in greedy(model, tokenizer, [s.prompt for s in items],
+                                                items[0].tokens_to_generate)]
             for (t, i), s, pred in zip(group, items, preds):
                 yield {"task": "ruler", "subtask": t, "index": i, "seed": s.seed, "score": score(t, pred, s.outputs),
                        "pred": pred, "outputs": s.outputs, "tokens": s.length}
