@@ -681,10 +681,15 @@ def ruler_cmd(
     if plots_enabled(plots, out):
         from longctx.eval.plots import heatmap
 
+        methods = list(dict.fromkeys(r["method"] for r in rows))
         paths = [heatmap([r for r in rows if r["method"] == m], out / f"ruler_{m}_heatmap.png", value="score",
                          row="subtask", scale=1.0, label="score", trained_length=trained,
                          title=f"RULER — {m} — {_model_name(model)}")
-                 for m in dict.fromkeys(r["method"] for r in rows)]
+                 for m in methods]
+        if len(methods) > 1:  # every method at a glance: the mean over tasks and samples = the table's average
+            paths.append(heatmap(rows, out / "ruler_average_heatmap.png", value="score", row="method", scale=1.0,
+                                 label="average score", trained_length=trained,
+                                 title=f"RULER average — {_model_name(model)}"))
         console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

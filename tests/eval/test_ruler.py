@@ -159,7 +159,9 @@ def test_cli(stories_path, tmp_path):
         bad = runner.invoke(app, base + argv)
         assert bad.exit_code == 2 and says in " ".join(bad.output.split())
     ok = runner.invoke(app, base + ["--lengths", "2048", "--tasks", "niah_single_1", "--out", str(tmp_path / "o"),
-                                    "--no-plots"])
+                                    "--compare", "vanilla,pi"])
     assert ok.exit_code == 0, ok.output
     data = json.loads((tmp_path / "o" / "results.json").read_text())
     assert data["summary"][0]["tasks"].keys() == {"niah_single_1"} and "effective length" in ok.output
+    for png in ("ruler_vanilla_heatmap.png", "ruler_pi_heatmap.png", "ruler_average_heatmap.png"):
+        assert (tmp_path / "o" / png).stat().st_size > 0
