@@ -252,7 +252,7 @@ def _recommend(model: Any, target_length: int, tokenizer: Any, text: str | None,
                 return
             samples, unfit = plan["samples"] or _ruler_samples(tokenizer, n)
             if not samples:
-                measured["ruler"] = "left out: no task of the subset fits N tokens (" + "; ".join(unfit) + ")"
+                measured["ruler"] = f"left out: no task of the subset fits {n} tokens (" + "; ".join(unfit) + ")"
                 return
             t0 = time.perf_counter()
             found = _ruler_evidence(unwrap(model), tokenizer, samples)

@@ -105,7 +105,7 @@ def test_ruler_asked_for_where_it_cannot_run_is_refused_before_any_work(stories,
         recommend(stories.model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, ruler=True)
     found = recommend(stories.model, 1024, tokenizer=stories.tokenizer, text=tinystories_text, methods=["pi"],
                       tune=0)  # when the budget allows, but nothing fits: left out, said
-    assert found.measured["ruler"].startswith("left out: no task of the subset fits N tokens (vt: no input fits")
+    assert found.measured["ruler"].startswith("left out: no task of the subset fits 1024 tokens (vt: no input fits")
     assert not longctx.is_patched(stories.model)
 
 
