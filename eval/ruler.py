@@ -349,12 +349,24 @@ class _Gen:
         return template.format(context=" ".join(words), query=""), vocab[1:4]
 
 
-def _fit(make: Callable[[int], str], count: Callable[[str], int], budget: int, incremental: int) -> int:
-    """RULER's binary search: the largest haystack size whose input fits ``budget`` tokens (at least
-    ``incremental``)."""
-    per = count(make(incremental)) / incremental
-    low, high = incremental, max(int(budget / per * 3), incremental * 2)
-    best = None
+def _fit(make: Callable[[int], str], count: Callable[[str], int], budget: int, incremental: int,
+         cap: int | None = None, probe: int | None = None, slack: int = 3) -> int:
+    """RULER's binary search: the largest haystack size whose input fits ``budget`` tokens (at least ``incremental``,
+    at most ``cap``: CWE's word list, where RULER stops too). The upper bound is ``slack`` × the size that an input of
+    ``probe`` units (default ``incremental``) estimates, as RULER's generators take it (NIAH and VT: 3× from one
+    step; CWE: 2× from 4096 words, whose worked example would make one step's estimate far too high). Should an
+    input of the bound still fit, the bound doubles until one overflows (RULER would return the bound: an input
+    cut short)."""
+    probe = probe or incremental
+    per = count(make(probe)) / probe
+    low, high = incremental, max(int(budget / per * slack), incremental * 2)
+    if cap is not None:
+        high = min(high, cap)
+    while count(make(high)) <= budget:
+        if cap is not None and high >= cap:
+            return cap
+        low, high = high, high * 2 if cap is None else min(high * 2, cap)
+    best = low if low > incremental else None
     while low <= high:
         mid = (low + high) // 2
         if count(make(mid)) <= budget:
@@ -383,6 +395,7 @@ def ruler_sample(task: str, max_length: int, tokenizer: Any, seed: int = 0, hays
         return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
     budget = max_length - to_generate
+    cap, probe, slack = None, None, 3  # the largest size there is (CWE: its word list); _fit's estimate
     if kind == "niah":
         incremental = 500 if args["type_haystack"] == "essay" else (25 if max_length >= 4096 else 5)
 
@@ -396,7 +409,8 @@ def ruler_sample(task: str, max_length: int, tokenizer: Any, seed: int = 0, hays
         def make(n: int) -> str:
             return gen.vt(n, gen.rng())[0]
     elif kind == "common_words_extraction":
-        incremental = 10
+        incremental, cap = 10, len(gen._cwe_words(gen.seed))
+        probe, slack = min(4096, cap), 2
 
         def make(n: int) -> str:
             return gen.cwe(n, gen.rng(), max_length)[0]
@@ -414,7 +428,7 @@ def ruler_sample(task: str, max_length: int, tokenizer: Any, seed: int = 0, hays
         while n > incremental and count(make(n)) > budget:
             n -= incremental
     else:
-        n = _fit(make, count, budget, incremental)
+        n = _fit(make, count, budget, incremental, cap, probe, slack)
         while n > incremental and count(make(n)) > budget:  # RULER steps back while a sample overflows
             n -= incremental
 

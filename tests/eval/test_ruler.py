@@ -87,8 +87,14 @@ def test_inputs_have_rulers_format(smol_tok, name):
     assert len(ours.outputs) == len(theirs["outputs"])
     assert ours.length <= 4096 and theirs["length"] <= 4096
     # both are RULER's sizing: the largest haystack that fits, stepped back by one haystack increment when the
-    # final sample overflows by a token (vt: 10 noise lines)
-    step = count(smol_tok, "\n".join([ruler.NOISE] * 10)) if name == "vt" else 0.05 * 4096
+    # final sample overflows by a token (vt: 10 noise lines). CWE: RULER draws the sample's words afresh after the
+    # search (ours are the searched draw itself), so its input can be a step of 10 words (30 listed items) shorter
+    # for stepping back and about as much for the draw: two steps
+    step = 0.05 * 4096
+    if name == "vt":
+        step = count(smol_tok, "\n".join([ruler.NOISE] * 10))
+    elif name == "cwe":
+        step = 2 * count(smol_tok, " ".join(re.findall(r"\d+\. [a-z]+", ours.input)[-30:]))
     assert abs(ours.length - theirs["length"]) <= step
 
 
@@ -124,6 +130,38 @@ def test_common_and_frequent_words_are_the_most_frequent(tok):
     f = ruler.ruler_sample("fwe", 2048, tok, seed=2)
     words = Counter(w for w in f.input.split("coded words. ")[1].split("\n")[0].split() if w != "...")
     assert [w for w, _ in words.most_common(3)] == f.outputs
+
+
+def test_fit_finds_the_largest_size_past_a_large_fixed_part():
+    """An input with a fixed part far larger than one step (CWE's worked example) makes the tokens per step, taken
+    from one input, an overestimate: the search must still reach the largest size that fits."""
+    def make(n):
+        return "x " * (1000 + n)
+
+    def count(text):
+        return len(text.split())
+
+    assert ruler._fit(make, count, 2000, 10) == 1000
+    assert ruler._fit(make, count, 2000, 10, cap=300) == 300  # CWE stops at its word list, as RULER does
+    assert ruler._fit(make, count, 1005, 10) == 10  # not even one step fits: the smallest size
+
+
+@pytest.mark.parametrize("length", [4096, 8192, 16384])
+def test_cwe_fills_its_length(smol_tok, length):
+    """CWE's input fills the length it is reported at (its worked example once cut it to 4572 tokens at 8192 and
+    6064 at 16384), within one step of 10 words."""
+    s = ruler.ruler_sample("cwe", length, smol_tok, seed=ruler.sample_seed(0, length, 0))
+    assert length - 200 <= s.length <= length, s.length
+
+
+@pytest.mark.slow  # 11 inputs of 16k tokens fitted by bisection: about two minutes
+@pytest.mark.parametrize("length", [8192, 16384])
+def test_every_task_fills_its_length(smol_tok, length):
+    """Each input fills the length it is reported at, within RULER's own slack (FWE steps back one increment of
+    budget / 32; the others one haystack step)."""
+    for name in ruler.TASKS:
+        s = ruler.ruler_sample(name, length, smol_tok, seed=ruler.sample_seed(0, length, 0))
+        assert 0.93 * length <= s.length <= length, (name, s.length)
 
 
 def test_a_length_a_task_cannot_fit_is_refused(tok):
