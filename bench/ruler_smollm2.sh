@@ -3,8 +3,9 @@
 # and length, vanilla against yarn, selfextend, dca, rerope (each patched once to 16384) and string (patched to
 # 12288: STRING reaches fewer than 2L - 1 = 16383 tokens, so it has no 16384 column). Ordered so that a stopped run
 # has whole lengths: every method at 4096 and 8192 first, then 12288, then 16384. Every finished sample is appended
-# to $OUT/trials.jsonl; rerunning this script resumes where a stopped run left off (--resume). On 2 CPU cores an
-# 8192 sample takes 35-90 s and a 16384 one minutes (about 8 h for the whole grid): a job for a lent GPU or a night.
+# to $OUT/trials.jsonl; rerunning this script resumes where a stopped run left off (--resume). On 2 CPU cores a
+# sample takes 12-44 s at 4096, 33-72 s at 8192, 63-111 s at 12288 and 95-160 s at 16384 (about 4.5 h for the 253
+# samples): a job for a lent GPU or a night.
 # The last two commands only read the log and write the tables, JSON / CSV and heat maps.
 set -euo pipefail
 export HF_HUB_OFFLINE=1

@@ -20,7 +20,8 @@ def test_every_sample_rescored_by_rulers_metric() -> None:
     assert rows and {r["subtask"] for r in rows} == set(TASKS)
     for r in rows:
         assert score(r["subtask"], r["pred"], r["outputs"]) == pytest.approx(r["score"], abs=1e-9), r["subtask"]
-        assert 0 < r["tokens"] <= r["length"]  # each input fitted the length it is reported at
+        # each input fits, and fills, the length it is reported at (RULER's slack: FWE steps back budget / 32)
+        assert 0.93 * r["length"] <= r["tokens"] <= r["length"], (r["subtask"], r["length"], r["tokens"])
 
 
 def test_summary_is_the_samples_mean_and_cells_are_whole() -> None:
